@@ -1,0 +1,140 @@
+"""Every configuration field, with its default and meaning. Presets in ``dgx.py`` override these.
+
+Override any field on the command line: ``--config config/dgx.py:vace --config.train.beta=0.01``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---------------------------------------------------------------- run
+    # Name of the run: its folder under `logdir` and its tracker name. Empty: a timestamp.
+    config.run_name = ""
+    # Base seed: rollout noise, the prompt sampler and LoRA init derive from it.
+    config.seed = 42
+    # Root folder of runs: <logdir>/<run_name>/{checkpoints,tracker files,videos}.
+    config.logdir = "outputs/identity_grpo"
+    # Number of epochs (one epoch = sample num_batches_per_epoch batches, then train on them).
+    config.num_epochs = 100
+    # Save a checkpoint every this many epochs (0 disables saving).
+    config.save_freq = 5
+    # Evaluate on test.csv every this many epochs (0 disables evaluation).
+    config.eval_freq = 5
+    # Keep at most this many checkpoints (older ones are deleted after a new one is complete).
+    config.num_checkpoint_limit = 5
+    # "no", "fp16" or "bf16": dtype of the frozen weights and of autocast in the transformer.
+    config.mixed_precision = "bf16"
+    # Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise fp32).
+    config.allow_tf32 = True
+    # Resume from a run folder (its latest complete checkpoint) or one checkpoint folder.
+    config.resume_from = ""
+    # Trackers for accelerator.log: "tensorboard", "wandb", or "tensorboard,wandb"; "" for none.
+    config.tracker = "tensorboard"
+    # Which base model family: "vace" (Wan2.1-VACE, diffusers) or "phantom" (Phantom-Wan).
+    config.model_type = "vace"
+
+    # ---------------------------------------------------------------- data
+    # Dataset folder holding train.csv and test.csv (columns ref_paths, prompt) and the images.
+    config.dataset = "dataset/generated_img"
+    # Training rollouts: video height and width in pixels (divisible by 16) and frames (4k + 1).
+    config.height = 240
+    config.width = 416
+    config.frames = 33
+    # Evaluation videos: size and frames, usually larger than during training.
+    config.eval_height = 480
+    config.eval_width = 832
+    config.eval_frames = 81
+
+    # ---------------------------------------------------------------- models
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    # Base video model: a local diffusers folder or a hub id (hub ids need network access).
+    pretrained.model = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+    # If true and `model` is a missing local folder, write tiny random models there first
+    # (the offline quick start and tests; never set for real runs).
+    pretrained.build_tiny = False
+    # Identity reward model folder (see vace_reward), used by the "identity" reward.
+    pretrained.reward_model = "outputs/identity_reward"
+
+    # ---------------------------------------------------------------- sampling
+    config.sample = sample = ml_collections.ConfigDict()
+    # Denoising steps of a training rollout, and of evaluation.
+    sample.num_steps = 25
+    sample.eval_num_steps = 50
+    # Classifier-free guidance scale (1.0 disables CFG and halves the transformer batch).
+    sample.guidance_scale = 4.5
+    # Negative prompt for CFG; encoded once per run.
+    sample.negative_prompt = ""
+    # Max tokens of the UMT5 prompt encoder (Wan uses 512).
+    sample.max_sequence_length = 512
+    # Scale of the VACE control stream added to the transformer blocks.
+    sample.conditioning_scale = 1.0
+    # Videos per rank per sampling batch.
+    sample.train_batch_size = 4
+    # Group size K: videos generated per (prompt, references) draw; advantages compare within it.
+    # train_batch_size x num_processes must be divisible by it.
+    sample.num_image_per_prompt = 8
+    # Sampling batches per epoch (each rank); the epoch trains on all of them.
+    sample.num_batches_per_epoch = 8
+    # Videos per rank per evaluation batch.
+    sample.test_batch_size = 2
+    # Normalise advantages with the std of all rewards (True) or of each group (False).
+    sample.global_std = False
+    # SDE noise schedule: "identity_grpo" (std = sigma_min + (sigma_max - sigma_min) * sigma),
+    # "flow_grpo" (noise_level * sqrt(sigma / (1 - sigma))) or "cps" (coefficients-preserving).
+    sample.noise_schedule = "identity_grpo"
+    # Multiplier of the noise schedule (1.0 reproduces upstream Identity-GRPO; Flow-GRPO uses 0.7).
+    sample.noise_level = 1.0
+    # Give every member of a group the same initial noise (exploration then comes from the SDE).
+    sample.same_latent = False
+
+    # ---------------------------------------------------------------- training
+    config.train = train = ml_collections.ConfigDict()
+    # AdamW hyper-parameters.
+    train.learning_rate = 1e-4
+    train.adam_beta1 = 0.9
+    train.adam_beta2 = 0.999
+    train.adam_weight_decay = 1e-4
+    train.adam_epsilon = 1e-8
+    # Sampling batches whose gradients are accumulated into one optimizer step (every trained
+    # timestep of those batches contributes).
+    train.gradient_accumulation_steps = 4
+    # Gradient-norm clipping bound.
+    train.max_grad_norm = 1.0
+    # Passes over one epoch's rollouts.
+    train.num_inner_epochs = 1
+    # Re-score with CFG during training, exactly as sampled (recommended; False is cheaper but
+    # biases the ratio unless guidance_scale is 1).
+    train.cfg = True
+    # Advantages are clipped to [-adv_clip_max, adv_clip_max].
+    train.adv_clip_max = 5.0
+    # PPO clip range of the importance ratio. Log-probs are per-element means, so ratios stay
+    # close to 1 and the range is small.
+    train.clip_range = 1e-3
+    # Fraction of the SDE steps of each rollout that are trained (the first ones in time).
+    train.timestep_fraction = 0.99
+    # Weight of the KL penalty to the frozen base model (LoRA disabled). 0 skips the reference call.
+    train.beta = 0.004
+    # Multiply advantages by this (-1 trains to LOWER the reward; used by tests as a control).
+    train.advantage_sign = 1.0
+    # Drop groups whose rewards are all equal from the update (their advantages are 0 anyway;
+    # dropping saves compute). The count is logged.
+    train.filter_zero_std_groups = False
+    # LoRA on the transformer's attention projections.
+    train.lora_rank = 32
+    train.lora_alpha = 64
+    train.lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    # Start from this LoRA (peft folder) instead of the base model. Empty: base model.
+    train.lora_path = ""
+    # Keep an exponential moving average of the LoRA weights (used for evaluation, saved).
+    train.ema = True
+    train.ema_decay = 0.99
+    # Recompute activations in the backward pass (less memory, ~30% slower).
+    train.gradient_checkpointing = True
+
+    # ---------------------------------------------------------------- rewards
+    # Reward name -> weight; the weighted sum is the GRPO reward. See identity_grpo/rewards.
+    config.reward_fn = ml_collections.ConfigDict({"identity": 1.0})
+
+    return config

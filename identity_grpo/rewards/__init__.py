@@ -1,0 +1,108 @@
+"""Reward registry: ``name -> factory(config, device) -> fn(RewardInputs) -> {key: (B,) tensor}``.
+
+A reward function returns at least the key equal to its own name (the score that is weighted);
+extra keys are logged as sub-scores (e.g. ``facesim/min``). :func:`build_reward_fn` combines the
+configured rewards with their weights in one place, times each one and refuses NaN/inf.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class RewardInputs:
+    """What every reward sees for a batch of B generated videos.
+
+    Attributes:
+        frames: ``(B, F, H, W, 3)`` uint8 decoded frames, in memory.
+        reference_images: per sample, its 1-4 reference images (RGB), in input order.
+        prompts: per sample, the text prompt.
+    """
+
+    frames: torch.Tensor
+    reference_images: list[list[Image.Image]]
+    prompts: list[str]
+
+    def __post_init__(self):
+        if self.frames.dtype != torch.uint8 or self.frames.ndim != 5 or self.frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 (B, F, H, W, 3), got {self.frames.dtype} {tuple(self.frames.shape)}")
+        if not len(self.reference_images) == len(self.prompts) == self.frames.shape[0]:
+            raise ValueError("frames, reference_images and prompts must have the same batch size")
+
+
+RewardFn = Callable[[RewardInputs], dict[str, torch.Tensor]]
+RewardFactory = Callable[[object, torch.device], RewardFn]
+REGISTRY: dict[str, RewardFactory] = {}
+
+
+def register(name: str) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator adding a factory to the registry under ``name``."""
+
+    def decorator(factory: RewardFactory) -> RewardFactory:
+        if name in REGISTRY:
+            raise ValueError(f"reward {name!r} registered twice")
+        REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+class CombinedReward:
+    """Calls every configured reward and forms ``total = sum_i weight_i * reward_i``.
+
+    Returns ``(scores, seconds)``: ``scores`` has each reward's keys plus ``total``, all
+    float32 ``(B,)`` on the CPU; ``seconds`` the wall time of each reward.
+    """
+
+    def __init__(self, fns: Mapping[str, RewardFn], weights: Mapping[str, float]):
+        self.fns = dict(fns)
+        self.weights = dict(weights)
+
+    def __call__(self, inputs: RewardInputs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        batch = inputs.frames.shape[0]
+        scores: dict[str, torch.Tensor] = {}
+        seconds: dict[str, float] = {}
+        total = torch.zeros(batch)
+        for name, fn in self.fns.items():
+            start = time.perf_counter()
+            out = fn(inputs)
+            seconds[name] = time.perf_counter() - start
+            if name not in out:
+                raise KeyError(f"reward {name!r} returned keys {sorted(out)} but not its own name")
+            for key, value in out.items():
+                value = torch.as_tensor(value).detach().float().cpu().reshape(-1)
+                if value.shape[0] != batch:
+                    raise ValueError(f"reward {name!r} key {key!r}: expected {batch} scores, got {value.shape[0]}")
+                if key == name and not bool(torch.isfinite(value).all()):
+                    bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
+                    raise FloatingPointError(
+                        f"reward {name!r} returned NaN/inf for samples {bad} (prompts: "
+                        f"{[inputs.prompts[i][:60] for i in bad]}); fix the reward or its inputs"
+                    )
+                scores[key] = value
+            total += self.weights[name] * scores[name]
+        scores["total"] = total
+        return scores, seconds
+
+
+def build_reward_fn(config, device: torch.device) -> CombinedReward:
+    """Build the rewards named in ``config.reward_fn`` (a mapping name -> weight)."""
+    from identity_grpo.rewards import pixel  # noqa: F401  (registers the built-in rewards)
+
+    try:
+        from identity_grpo.rewards import identity  # noqa: F401
+    except ImportError:  # the identity reward's optional dependencies are missing
+        pass
+    weights = dict(config.reward_fn)
+    if not weights:
+        raise ValueError("config.reward_fn is empty; name at least one reward, e.g. {'ref_similarity': 1.0}")
+    unknown = sorted(set(weights) - set(REGISTRY))
+    if unknown:
+        raise ValueError(f"config.reward_fn names unknown reward(s) {unknown}; registered: {sorted(REGISTRY)}")
+    return CombinedReward({name: REGISTRY[name](config, device) for name in weights}, weights)

@@ -1,0 +1,128 @@
+"""Tiny, randomly initialised, seeded models built offline with the real classes.
+
+They are written to disk in the diffusers/transformers format and loaded back through the same
+``from_pretrained`` code used for ``Wan-AI/Wan2.1-VACE-1.3B-diffusers``, so tests and the quick
+start exercise the real loading and conditioning paths at toy sizes.
+
+Command line: ``python -m identity_grpo.testing OUT_DIR`` writes the tiny VACE pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Constraints of the real architecture that the tiny one keeps: the VACE control input is
+# [inactive latents, reactive latents, 8x8 pixel mask] = 2 * z_dim + 64 channels.
+TINY_Z_DIM = 4
+TINY_TEXT_DIM = 32
+TINY_VOCAB = ["a", "man", "woman", "with", "short", "long", "hair", "dark", "light", "red", "blue",
+              "green", "smiles", "walks", "talks", "in", "park", "room", "street", "two", "people",
+              "person", "together", "the", "is", "are", "and", "at", "on", "skin", "brown", "blond"]
+
+
+def build_tokenizer():
+    """A word-level UMT5-style tokenizer trained offline with the `tokenizers` library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + TINY_VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def build_vae():
+    from diffusers import AutoencoderKLWan
+
+    generator = torch.Generator().manual_seed(1)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=TINY_Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=torch.randn(TINY_Z_DIM, generator=generator).mul(0.1).tolist(),
+        latents_std=torch.rand(TINY_Z_DIM, generator=generator).add(0.5).tolist(),
+    ).eval()
+
+
+def build_vace_transformer():
+    from diffusers import WanVACETransformer3DModel
+
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=TINY_Z_DIM,
+        out_channels=TINY_Z_DIM, text_dim=TINY_TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+        vace_layers=[0, 1], vace_in_channels=2 * TINY_Z_DIM + 64,
+    ).eval()
+
+
+def build_t2v_transformer():
+    """The Wan2.1 text-to-video transformer at toy size (Phantom's architecture)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=TINY_Z_DIM,
+        out_channels=TINY_Z_DIM, text_dim=TINY_TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+    ).eval()
+
+
+def build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def build_tiny_vace_pipeline(seed: int = 0):
+    """An in-memory ``WanVACEPipeline`` of tiny random components (fixed seed)."""
+    from diffusers import WanVACEPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    return WanVACEPipeline(
+        tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer)), vae=build_vae(),
+        transformer=build_vace_transformer(), scheduler=build_scheduler(),
+    )
+
+
+def write_tiny_vace(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline to ``path`` (atomically: a temp folder renamed into place)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    build_tiny_vace_pipeline(seed).save_pretrained(staging)
+    try:
+        os.rename(staging, path)
+    except OSError:  # another process won the race; its copy is identical
+        if not (path / "model_index.json").is_file():
+            raise
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the tiny diffusers VACE pipeline to")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_tiny_vace(args.out_dir, args.seed))
+
+
+if __name__ == "__main__":
+    main()
