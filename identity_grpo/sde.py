@@ -62,8 +62,9 @@ def noise_scale(
     - ``identity_grpo`` (upstream Identity-GRPO): ``sigma_min + (sigma_max - sigma_min) * sigma``,
       with ``sigma_max`` / ``sigma_min`` the largest non-terminal and the last sigma of the schedule.
       ``noise_level`` scales it (1.0 reproduces upstream).
-    - ``flow_grpo``: ``noise_level * sqrt(sigma / (1 - sigma))``; at ``sigma == 1`` the schedule's
-      ``sigma_max`` is used instead, as in Flow-GRPO, to avoid the singularity.
+    - ``flow_grpo``: ``noise_level * sqrt(sigma / (1 - sigma))``; at ``sigma == 1`` the denominator
+      uses the schedule's ``sigma_max`` instead (the numerator keeps ``sigma``), as in Flow-GRPO, to
+      avoid the singularity.
     - ``cps`` (coefficients-preserving sampling): the *total* std of the step,
       ``sigma_next * sin(noise_level * pi / 2)``; it is not multiplied by ``sqrt(-dt)``.
     """
@@ -71,7 +72,7 @@ def noise_scale(
         return noise_level * (sigma_min + (sigma_max - sigma_min) * sigma)
     if schedule == "flow_grpo":
         safe_sigma = torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_max), sigma)
-        return noise_level * torch.sqrt(safe_sigma / (1.0 - safe_sigma))
+        return noise_level * torch.sqrt(sigma / (1.0 - safe_sigma))
     if schedule == "cps":
         return sigma_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {NOISE_SCHEDULES}")
