@@ -57,8 +57,10 @@ def group_advantages(
         sq = torch.zeros_like(sums).index_add_(0, inverse, centred**2)
         std = torch.sqrt(sq / counts)[inverse]
     advantages = (centred / (std + eps)).clamp(-clip_max, clip_max)
-    # A constant group has centred == 0 exactly, so its advantages are exactly 0 by construction.
+    # The group mean of K equal float64 rewards can miss them by an ulp (3 x 0.1 sums to
+    # 0.30000000000000004), leaving ~1e-13 instead of 0, so constant groups are zeroed explicitly.
     constant = zero_std_mask(rewards, group_ids)
+    advantages = advantages.masked_fill(constant, 0.0)
     stats = AdvantageStats(
         num_groups=num_groups,
         num_zero_std_groups=torch.unique(group_ids[constant]).numel(),
