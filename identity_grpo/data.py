@@ -57,7 +57,9 @@ class ReferenceVideoDataset:
             reader = csv.DictReader(handle)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise DataError(f"{self.csv_path}: missing column(s) {missing}; header must contain {REQUIRED_COLUMNS}")
+                raise DataError(
+                    f"{self.csv_path}, row 1 (header): missing column(s) {missing}; header must contain {REQUIRED_COLUMNS}"
+                )
             items = []
             # Row numbers count the header as line 1, as a spreadsheet shows them.
             for line, row in enumerate(reader, start=2):
