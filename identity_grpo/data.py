@@ -53,7 +53,8 @@ class ReferenceVideoDataset:
         self.items = self._read(max_references, check_images)
 
     def _read(self, max_references: int, check_images: bool) -> list[PromptItem]:
-        with open(self.csv_path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheets' "CSV UTF-8" export starts with a BOM that would rename the first column.
+        with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
