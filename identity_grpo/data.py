@@ -59,7 +59,8 @@ class ReferenceVideoDataset:
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(
-                    f"{self.csv_path}, row 1 (header): missing column(s) {missing}; header must contain {REQUIRED_COLUMNS}"
+                    f"{self.csv_path}, row 1 (header): missing column(s) {missing}; "
+                    f"header must contain {REQUIRED_COLUMNS}"
                 )
             items = []
             # Row numbers count the header as line 1, as a spreadsheet shows them.
