@@ -64,7 +64,7 @@ def test_frame_rate_reaches_the_model(scorer, media):
     image = Image.open(refs[0]).convert("RGB")
     hidden = {}
     for fps in (2.0, FPS):
-        batch = scorer.collate([scorer._prepare(scorer._sample_frames(frames[0], fps, "t"), [image], "x")])
+        batch = scorer.collate([scorer.prepare(scorer.sample_frames(frames[0], fps, "t"), [image], "x")])
         assert batch["second_per_grid_ts"].tolist() == pytest.approx([2.0 / (4 / 9 * fps)])
         assert batch["mm_token_type_ids"].eq(2).sum() == batch["video_grid_thw"].prod() // 4
         with torch.no_grad():

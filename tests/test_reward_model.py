@@ -42,7 +42,7 @@ def random_batch(batch_size=4, num_frames=5, size=32, seed=0):
 
 def test_score_is_head_at_reward_token(scorer):
     frames, references, prompts = random_batch(batch_size=2)
-    samples = [scorer._prepare(scorer._sample_frames(frames[i], 16.0, "t"), references[i], prompts[i]) for i in range(2)]
+    samples = [scorer.prepare(scorer.sample_frames(frames[i], 16.0, "t"), references[i], prompts[i]) for i in range(2)]
     batch = scorer.collate(samples)
     with torch.no_grad():
         scores = scorer.model(**batch)
@@ -76,7 +76,7 @@ def test_one_token_per_dimension_reads_its_own_token():
                                 processor.tokenizer.convert_tokens_to_ids(list(tokens))).eval()
     scorer = IdentityRewardScorer(model, processor)
     frames, references, prompts = random_batch(batch_size=1)
-    batch = scorer.collate([scorer._prepare(scorer._sample_frames(frames[0], 16.0, "t"), references[0], prompts[0])])
+    batch = scorer.collate([scorer.prepare(scorer.sample_frames(frames[0], 16.0, "t"), references[0], prompts[0])])
     with torch.no_grad():
         scores = model(**batch)
         hidden = model.backbone.model(**batch, use_cache=False).last_hidden_state[0]
@@ -88,7 +88,7 @@ def test_one_token_per_dimension_reads_its_own_token():
 
 def test_missing_reward_token_is_an_error(scorer):
     frames, references, prompts = random_batch(batch_size=1)
-    sample = scorer._prepare(scorer._sample_frames(frames[0], 16.0, "t"), references[0], prompts[0])
+    sample = scorer.prepare(scorer.sample_frames(frames[0], 16.0, "t"), references[0], prompts[0])
     sample.text = sample.text.replace("<|SA_reward|>", "")
     with pytest.raises(ValueError, match="reward token"):
         scorer.model(**scorer.collate([sample]))

@@ -116,9 +116,9 @@ class IdentityRewardScorer:
 
     def score_videos(self, video_paths: list[str], reference_paths: list[list[str]], prompts: list[str]) -> torch.Tensor:
         """Scores of video files. Returns ``(B, output_dim)`` float32 on the CPU."""
-        self._check_batch(len(video_paths), reference_paths, prompts)
+        self.check_batch(len(video_paths), reference_paths, prompts)
         samples = [
-            self._prepare(self._read_video(path), [load_image(p) for p in refs], prompt)
+            self.prepare(self.read_video_file(path), [load_image(p) for p in refs], prompt)
             for path, refs, prompt in zip(video_paths, reference_paths, prompts)
         ]
         return self._score(samples)
@@ -138,17 +138,17 @@ class IdentityRewardScorer:
         """
         if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
             raise RewardInputError(f"frames must be uint8 (B, F, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-        self._check_batch(frames.shape[0], reference_images, prompts)
+        self.check_batch(frames.shape[0], reference_images, prompts)
         fps = fps or self.config.fps
         samples = [
-            self._prepare(self._sample_frames(video.cpu(), fps, source=f"sample {index}"), refs, prompt)
+            self.prepare(self.sample_frames(video.cpu(), fps, source=f"sample {index}"), refs, prompt)
             for index, (video, refs, prompt) in enumerate(zip(frames, reference_images, prompts))
         ]
         return self._score(samples)
 
     # ------------------------------------------------------------------ preparation
 
-    def _check_batch(self, batch_size: int, references: list[list], prompts: list[str]) -> None:
+    def check_batch(self, batch_size: int, references: list[list], prompts: list[str]) -> None:
         if not len(references) == len(prompts) == batch_size:
             raise RewardInputError(
                 f"got {batch_size} videos, {len(references)} reference lists and {len(prompts)} prompts; give one of each per sample"
@@ -167,7 +167,7 @@ class IdentityRewardScorer:
         except ValueError as error:
             raise RewardInputError(f"{source}: {total_frames} frames, the reward model samples {self.num_frames} ({error})") from error
 
-    def _read_video(self, path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    def read_video_file(self, path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
         """Sampled and resized frames of a video file, read by qwen-vl-utils with decord."""
         import decord
         from qwen_vl_utils.vision_process import fetch_video
@@ -189,7 +189,7 @@ class IdentityRewardScorer:
         )
         return video, {k: metadata[k] for k in ("fps", "frames_indices", "total_num_frames")}
 
-    def _sample_frames(self, frames: torch.Tensor, fps: float, source: str) -> tuple[torch.Tensor, dict]:
+    def sample_frames(self, frames: torch.Tensor, fps: float, source: str = "in-memory video") -> tuple[torch.Tensor, dict]:
         """The same sampling and resizing qwen-vl-utils applies to a decoded file (``fetch_video``)."""
         from qwen_vl_utils import vision_process as qvu
         from torchvision.transforms import InterpolationMode
@@ -210,7 +210,7 @@ class IdentityRewardScorer:
         video = resize(video, [resized_height, resized_width], interpolation=InterpolationMode.BICUBIC, antialias=True).float()
         return video, {"fps": float(fps), "frames_indices": indices, "total_num_frames": total_frames}
 
-    def _prepare(self, video_and_metadata: tuple[torch.Tensor, dict], references: list[Image.Image], prompt: str) -> PreparedSample:
+    def prepare(self, video_and_metadata: tuple[torch.Tensor, dict], references: list[Image.Image], prompt: str) -> PreparedSample:
         from qwen_vl_utils.vision_process import fetch_image
 
         images = [
@@ -224,6 +224,14 @@ class IdentityRewardScorer:
 
     def collate(self, samples: list[PreparedSample]) -> dict[str, torch.Tensor]:
         """Processor outputs of a list of samples, on the model's device (pixels in its dtype)."""
+        dtype = self.model.backbone.dtype
+        return {
+            key: value.to(self.device, dtype=dtype if value.is_floating_point() and key.startswith("pixel") else None)
+            for key, value in self.process(samples).items()
+        }
+
+    def process(self, samples: list[PreparedSample]) -> dict[str, torch.Tensor]:
+        """Processor outputs of a list of samples, on the CPU (safe in data-loader workers)."""
         batch = self.processor(
             text=[sample.text for sample in samples],
             images=[image for sample in samples for image in sample.images],
@@ -240,12 +248,7 @@ class IdentityRewardScorer:
             videos_kwargs={"size": {"shortest_edge": self.config.min_frame_pixels, "longest_edge": self.max_frame_pixels},
                            "cap_pixels_per_frame": True},
         )
-        dtype = self.model.backbone.dtype
-        return {
-            key: value.to(self.device, dtype=dtype if value.is_floating_point() and key.startswith("pixel") else None)
-            for key, value in batch.items()
-            if isinstance(value, torch.Tensor)
-        }
+        return {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
     @torch.inference_mode()
     def _score(self, samples: list[PreparedSample]) -> torch.Tensor:

@@ -201,17 +201,18 @@ class IdentityRewardModel(nn.Module):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def save_pretrained(self, path: str | os.PathLike, processor=None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, processor=None, backbone_state_dict: dict | None = None) -> None:
         """Write the standard layout to ``path`` (see the module docstring).
 
         ``processor`` (with the reward token in its tokenizer) is saved alongside when given; a
-        folder without it cannot be loaded for scoring.
+        folder without it cannot be loaded for scoring. ``backbone_state_dict`` replaces the
+        backbone's own weights (training passes the LoRA-merged weights).
         """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path)
+        self.backbone.save_pretrained(path, state_dict=backbone_state_dict)
         if processor is not None:
             processor.save_pretrained(path)
         save_file({"weight": self.reward_head.weight.detach().float().cpu().contiguous()}, str(path / REWARD_HEAD_NAME))
@@ -256,6 +257,33 @@ class IdentityRewardModel(nn.Module):
                 f"{UPSTREAM_CONFIG_NAME} + checkpoint-N/ (upstream release layout)"
             )
         return model.to(device).eval(), processor
+
+
+def new_reward_model(base_model: str | os.PathLike, config: RewardModelConfig | None = None,
+                     dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0):
+    """``(model, processor)``: a plain Qwen2.5-VL (folder or hub id) turned into a reward model.
+
+    Adds the reward token(s) to the tokenizer, resizes the embeddings (the new rows start at the
+    mean of the old ones) and creates a fresh head (std ``0.1 / sqrt(hidden)``, so the first
+    scores are small and training starts near "no preference").
+    """
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    config = config or RewardModelConfig()
+    processor = AutoProcessor.from_pretrained(base_model)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(config.reward_tokens)})
+    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        base_model, dtype=dtype, attn_implementation=attn_implementation
+    )
+    torch.manual_seed(seed)
+    backbone.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    embeddings = backbone.get_input_embeddings().weight
+    num_new = len(config.reward_tokens)
+    with torch.no_grad():
+        embeddings[-num_new:] = embeddings[:-num_new].mean(dim=0, keepdim=True)
+    model = IdentityRewardModel(backbone, config, _reward_token_ids(processor.tokenizer, config, Path(str(base_model))))
+    nn.init.normal_(model.reward_head.weight, std=0.1 * backbone.config.text_config.hidden_size ** -0.5)
+    return model, processor
 
 
 def _reward_token_ids(tokenizer, config: RewardModelConfig, source: Path) -> list[int]:
@@ -392,7 +420,8 @@ def _merge_lora(base_state: dict[str, torch.Tensor], lora: dict[str, torch.Tenso
     return merged
 
 
-def atomic_save(model: IdentityRewardModel, processor, path: str | os.PathLike) -> Path:
+def atomic_save(model: IdentityRewardModel, processor, path: str | os.PathLike,
+                backbone_state_dict: dict | None = None) -> Path:
     """``model.save_pretrained`` into a temporary sibling folder, then rename it to ``path``.
 
     An existing ``path`` is replaced only once the new folder is complete.
@@ -402,7 +431,7 @@ def atomic_save(model: IdentityRewardModel, processor, path: str | os.PathLike) 
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     staging.chmod(0o755)  # mkdtemp creates it private
     try:
-        model.save_pretrained(staging, processor=processor)
+        model.save_pretrained(staging, processor=processor, backbone_state_dict=backbone_state_dict)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
