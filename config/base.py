@@ -118,9 +118,6 @@ def get_config() -> ml_collections.ConfigDict:
     train.beta = 0.004
     # Multiply advantages by this (-1 trains to LOWER the reward; used by tests as a control).
     train.advantage_sign = 1.0
-    # Drop groups whose rewards are all equal from the update (their advantages are 0 anyway;
-    # dropping saves compute). The count is logged.
-    train.filter_zero_std_groups = False
     # LoRA on the transformer's attention projections.
     train.lora_rank = 32
     train.lora_alpha = 64

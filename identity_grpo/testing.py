@@ -26,16 +26,20 @@ TINY_VOCAB = ["a", "man", "woman", "with", "short", "long", "hair", "dark", "lig
 
 
 def build_tokenizer():
-    """A word-level UMT5-style tokenizer trained offline with the `tokenizers` library."""
+    """A UMT5-style Unigram tokenizer over a fixed toy vocabulary, made offline with `tokenizers`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + TINY_VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    # Whole words with the metaspace prefix, plus single characters so any text tokenizes.
+    pieces = [(token, 0.0) for token in specials]
+    pieces += [("\u2581" + word, -1.0) for word in TINY_VOCAB]
+    pieces += [(char, -5.0) for char in "\u2581abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
 
 
 def build_text_encoder(vocab_size: int):
@@ -53,11 +57,21 @@ def build_vae():
     from diffusers import AutoencoderKLWan
 
     generator = torch.Generator().manual_seed(1)
-    return AutoencoderKLWan(
+    vae = AutoencoderKLWan(
         base_dim=8, z_dim=TINY_Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=torch.randn(TINY_Z_DIM, generator=generator).mul(0.1).tolist(),
         latents_std=torch.rand(TINY_Z_DIM, generator=generator).add(0.5).tolist(),
     ).eval()
+    # A randomly initialised decoder's output is dominated by its conv biases: frames barely
+    # depend on the latents (pixel std over latents ~0.02), so no reward could be learned.
+    # Zero biases and slightly larger weights give a decoder that follows its input (std ~0.15).
+    with torch.no_grad():
+        for module in vae.decoder.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.mul_(1.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return vae
 
 
 def build_vace_transformer():

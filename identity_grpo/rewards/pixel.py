@@ -15,7 +15,7 @@ _SIZE = 8
 def _reference_thumbnail(images: list[Image.Image]) -> torch.Tensor:
     """Mean of the references resized to ``_SIZE x _SIZE``, as ``(3, S, S)`` in [0, 1]."""
     thumbs = [
-        F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float(), _SIZE)
+        F.adaptive_avg_pool2d(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float(), _SIZE)
         for image in images
     ]
     return torch.stack(thumbs).mean(0) / 255.0

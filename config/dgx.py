@@ -1,0 +1,88 @@
+"""Presets. Each returns base.get_config() with overrides; pick one with
+``--config config/dgx.py:NAME``. Fields and their meaning: config/base.py."""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("identity_grpo_base_config", os.path.join(os.path.dirname(__file__), "base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+
+
+def vace():
+    """Wan2.1-VACE-1.3B with the upstream Identity-GRPO hyper-parameters (8 GPUs x 4 videos)."""
+    config = base.get_config()
+    config.run_name = "vace_identity_grpo"
+    config.model_type = "vace"
+    config.pretrained.model = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+    config.pretrained.reward_model = "outputs/identity_reward"
+    config.height, config.width, config.frames = 240, 416, 33
+    config.eval_height, config.eval_width, config.eval_frames = 480, 832, 81
+    config.sample.num_steps = 25
+    config.sample.eval_num_steps = 50
+    config.sample.guidance_scale = 4.5
+    config.sample.train_batch_size = 4
+    config.sample.num_image_per_prompt = 8
+    config.sample.num_batches_per_epoch = 8
+    config.sample.test_batch_size = 2
+    config.sample.global_std = False
+    config.sample.noise_schedule = "identity_grpo"
+    config.sample.noise_level = 1.0
+    # Upstream: num_batches_per_epoch // 2 sampling batches per optimizer step.
+    config.train.gradient_accumulation_steps = 4
+    config.train.num_inner_epochs = 1
+    config.train.timestep_fraction = 0.99
+    config.train.beta = 0.004
+    config.train.learning_rate = 1e-4
+    config.train.clip_range = 1e-3
+    config.train.ema = True
+    config.mixed_precision = "bf16"
+    config.save_freq = 5
+    config.eval_freq = 5
+    config.num_epochs = 100000  # stopped by hand, as upstream
+    config.reward_fn = {"identity": 1.0}
+    return config
+
+
+def tiny():
+    """Tiny random models built offline on first use: the CPU quick start and the tests.
+
+    Learns the cheap ``ref_similarity`` pixel reward in a few minutes on 2 CPU cores.
+    """
+    config = base.get_config()
+    config.run_name = "tiny"
+    config.pretrained.model = "outputs/tiny_models/wan_vace"
+    config.pretrained.build_tiny = True
+    config.mixed_precision = "no"
+    config.tracker = "tensorboard"
+    config.height, config.width, config.frames = 32, 32, 5
+    config.eval_height, config.eval_width, config.eval_frames = 32, 32, 5
+    config.sample.num_steps = 8
+    config.sample.eval_num_steps = 8
+    config.sample.guidance_scale = 4.5
+    config.sample.max_sequence_length = 16
+    config.sample.train_batch_size = 8
+    config.sample.num_image_per_prompt = 4
+    config.sample.num_batches_per_epoch = 2
+    config.sample.test_batch_size = 4
+    config.train.gradient_accumulation_steps = 1
+    config.train.timestep_fraction = 0.99
+    config.train.learning_rate = 3e-3
+    config.train.clip_range = 0.2
+    config.train.beta = 0.0
+    config.train.lora_rank = 8
+    config.train.lora_alpha = 16
+    config.train.gradient_checkpointing = False
+    config.train.ema = False
+    config.num_epochs = 10
+    config.save_freq = 0
+    config.eval_freq = 5
+    config.reward_fn = {"ref_similarity": 1.0}
+    return config
+
+
+def get_config(name):
+    presets = {"vace": vace, "tiny": tiny}
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    return presets[name]()

@@ -1,0 +1,59 @@
+"""Start-up checks of a resolved config: every impossible setting fails before any model loads."""
+
+from __future__ import annotations
+
+import math
+
+from identity_grpo.sde import NOISE_SCHEDULES
+
+
+def num_train_steps(config) -> int:
+    """How many of a rollout's denoising steps are SDE steps that get trained."""
+    return max(1, math.floor(config.sample.num_steps * config.train.timestep_fraction))
+
+
+def validate_config(config, num_processes: int = 1) -> None:
+    """Raise ``ValueError`` naming the field and the fix for the first impossible setting."""
+    errors = []
+    sample, train = config.sample, config.train
+    if (sample.train_batch_size * num_processes) % sample.num_image_per_prompt:
+        errors.append(
+            f"sample.train_batch_size ({sample.train_batch_size}) x processes ({num_processes}) must be divisible "
+            f"by sample.num_image_per_prompt ({sample.num_image_per_prompt})"
+        )
+    if sample.num_image_per_prompt < 2:
+        errors.append("sample.num_image_per_prompt must be >= 2: advantages compare the members of a group")
+    for prefix in ("", "eval_"):
+        height, width, frames = config[prefix + "height"], config[prefix + "width"], config[prefix + "frames"]
+        if height % 16 or width % 16:
+            errors.append(f"{prefix}height/{prefix}width ({height}x{width}) must be divisible by 16")
+        if frames % 4 != 1:
+            errors.append(f"{prefix}frames ({frames}) must be 4k + 1, e.g. {frames - frames % 4 + 1}")
+    if not 0 < train.timestep_fraction <= 1:
+        errors.append(f"train.timestep_fraction ({train.timestep_fraction}) must be in (0, 1]")
+    if sample.num_steps < 1 or sample.eval_num_steps < 1:
+        errors.append("sample.num_steps and sample.eval_num_steps must be >= 1")
+    if sample.noise_schedule not in NOISE_SCHEDULES:
+        errors.append(f"sample.noise_schedule ({sample.noise_schedule!r}) must be one of {NOISE_SCHEDULES}")
+    if sample.noise_level <= 0:
+        errors.append("sample.noise_level must be > 0: the SDE needs noise to explore")
+    if train.clip_range <= 0:
+        errors.append("train.clip_range must be > 0")
+    if train.beta < 0:
+        errors.append("train.beta must be >= 0")
+    if train.gradient_accumulation_steps < 1 or sample.num_batches_per_epoch % train.gradient_accumulation_steps:
+        errors.append(
+            f"sample.num_batches_per_epoch ({sample.num_batches_per_epoch}) must be a multiple of "
+            f"train.gradient_accumulation_steps ({train.gradient_accumulation_steps}) so no gradient is left over"
+        )
+    if config.mixed_precision not in ("no", "fp16", "bf16"):
+        errors.append(f"mixed_precision ({config.mixed_precision!r}) must be 'no', 'fp16' or 'bf16'")
+    if config.model_type not in ("vace",):
+        errors.append(f"model_type ({config.model_type!r}) must be 'vace'")
+    weights = dict(config.reward_fn)
+    if not weights:
+        errors.append("reward_fn is empty: name at least one reward and its weight, e.g. {'identity': 1.0}")
+    elif not all(isinstance(w, (int, float)) for w in weights.values()):
+        errors.append(f"reward_fn weights must be numbers, got {weights}")
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,132 @@
+"""Pieces shared by the train and test scripts: rollouts of dataset rows, evaluation, metrics."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from identity_grpo.configuration import num_train_steps
+from identity_grpo.data import ReferenceVideoDataset
+from identity_grpo.pipelines.vace import Rollouts, SDEConfig, VaceRolloutPipeline
+from identity_grpo.rewards import CombinedReward, RewardInputs
+from identity_grpo.sampling import shard_in_order
+
+
+def seeded_generator(*keys: int | str) -> torch.Generator:
+    """A CPU generator whose seed is a stable hash of ``keys`` (seed, epoch, rank, ...), so every
+    rollout is reproducible on resume and independent of the device."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sde_config(config) -> SDEConfig:
+    return SDEConfig(schedule=config.sample.noise_schedule, noise_level=config.sample.noise_level)
+
+
+def rollout_rows(
+    pipeline: VaceRolloutPipeline,
+    dataset: ReferenceVideoDataset,
+    indices: Sequence[int],
+    config,
+    *,
+    generator: torch.Generator,
+    group_ids: Sequence[int] | None = None,
+    evaluation: bool = False,
+    latents: torch.Tensor | None = None,
+) -> tuple[Rollouts, RewardInputs]:
+    """Generate one video per dataset row in ``indices``.
+
+    Training rollouts use the train size and the SDE on the first ``num_train_steps`` steps;
+    evaluation uses the eval size and the deterministic sampler.
+    """
+    items = [dataset[i] for i in indices]
+    references = [dataset.load_references(i) for i in indices]
+    prompts = [item.prompt for item in items]
+    prefix = "eval_" if evaluation else ""
+    rollouts, frames = pipeline(
+        prompts,
+        references,
+        height=config[prefix + "height"],
+        width=config[prefix + "width"],
+        num_frames=config[prefix + "frames"],
+        num_inference_steps=config.sample.eval_num_steps if evaluation else config.sample.num_steps,
+        guidance_scale=config.sample.guidance_scale,
+        negative_prompt=config.sample.negative_prompt,
+        max_sequence_length=config.sample.max_sequence_length,
+        conditioning_scale=config.sample.conditioning_scale,
+        group_ids=group_ids,
+        sde_steps=[] if evaluation else range(num_train_steps(config)),
+        sde=sde_config(config),
+        latents=latents,
+        generator=generator,
+    )
+    return rollouts, RewardInputs(frames=frames.cpu(), reference_images=references, prompts=prompts)
+
+
+@torch.no_grad()
+def evaluate(
+    pipeline: VaceRolloutPipeline,
+    dataset: ReferenceVideoDataset,
+    reward_fn: CombinedReward,
+    config,
+    accelerator,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[dict]]:
+    """Deterministic (ODE) generation of every test row with fixed initial noise per row.
+
+    Returns ``(means, rows)``: the mean of every reward key over the test set (identical on all
+    ranks) and, on every rank, its own rows ``{"index", "prompt", <reward keys>, "frames"}``.
+    """
+    from tqdm.auto import tqdm
+
+    mine = shard_in_order(len(dataset), num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    # Pad so that every rank runs the same number of batches (collectives must match); padded
+    # rows are generated but dropped from the metrics.
+    per_rank = -(-len(dataset) // accelerator.num_processes)
+    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+    keep = [True] * len(mine) + [False] * (per_rank - len(mine))
+    batch_size = config.sample.test_batch_size
+    rows: list[dict] = []
+    totals: dict[str, list[torch.Tensor]] = defaultdict(list)
+    bar = tqdm(range(0, per_rank, batch_size), desc="eval", disable=not (progress and accelerator.is_local_main_process))
+    for start in bar:
+        chunk = padded[start : start + batch_size]
+        chunk_keep = torch.tensor(keep[start : start + batch_size])
+        # Buckets of one reference count; each row's noise depends only on the row.
+        for count in sorted({len(dataset[i].reference_paths) for i in chunk}):
+            sub = [i for i in chunk if len(dataset[i].reference_paths) == count]
+            sub_keep = torch.tensor([k for i, k in zip(chunk, chunk_keep.tolist()) if len(dataset[i].reference_paths) == count])
+            latents = torch.cat([
+                pipeline.prepare_latents(1, config.eval_height, config.eval_width, config.eval_frames, count,
+                                         seeded_generator(config.seed, "eval", i))
+                for i in sub
+            ])
+            _, inputs = rollout_rows(pipeline, dataset, sub, config, generator=seeded_generator(config.seed, "eval"),
+                                     evaluation=True, latents=latents)
+            scores, _ = reward_fn(inputs)
+            for position, index in enumerate(sub):
+                if sub_keep[position]:
+                    rows.append({"index": index, "prompt": dataset[index].prompt, "frames": inputs.frames[position],
+                                 **{k: float(v[position]) for k, v in scores.items()}})
+            for key, value in scores.items():
+                totals[key].append(torch.stack([value, sub_keep.float()], dim=1))
+    means = {}
+    for key in sorted(totals):
+        local = torch.cat(totals[key]).to(accelerator.device)
+        summed = accelerator.reduce((local[:, 0] * local[:, 1]).sum(), "sum")
+        count = accelerator.reduce(local[:, 1].sum(), "sum")
+        means[key] = float(summed / count)
+    return means, rows
+
+
+def mean_stats(stats: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:
+    """Average per-call stats locally, then across ranks."""
+    out = {}
+    for key in stats[0]:
+        local = torch.stack([s[key].float() for s in stats]).mean().to(accelerator.device)
+        out[key] = float(accelerator.reduce(local, "mean"))
+    return out

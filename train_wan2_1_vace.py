@@ -1,0 +1,232 @@
+"""GRPO post-training of Wan2.1-VACE for identity preservation (Identity-GRPO).
+
+    accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml \
+        train_wan2_1_vace.py --config config/dgx.py:vace [--config.train.beta=0.01 ...]
+
+Each epoch: sample K videos per drawn (prompt, references) item with the SDE sampler ->
+score them -> group-normalised advantages -> clipped GRPO update of the LoRA weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from absl import app, flags
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from identity_grpo.advantages import group_advantages
+from identity_grpo.configuration import num_train_steps, validate_config
+from identity_grpo.data import ReferenceVideoDataset
+from identity_grpo.grpo import grpo_loss
+from identity_grpo.loop import evaluate, mean_stats, rollout_rows, sde_config, seeded_generator
+from identity_grpo.models import DTYPES, add_lora, load_vace_pipeline
+from identity_grpo.pipelines.vace import Rollouts, VaceRolloutPipeline
+from identity_grpo.rewards import build_reward_fn
+from identity_grpo.sampling import KRepeatSampler
+from identity_grpo.sde import gaussian_kl
+from identity_grpo.tracking import flat_config, init_logging
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "config/dgx.py:vace", "Training configuration (a preset of config/dgx.py).")
+logger = get_logger(__name__)
+
+
+@dataclass
+class SampledBatch:
+    """One sampling batch of B rollouts on this rank, with its rewards and advantages."""
+
+    rollouts: Rollouts
+    rewards: dict[str, torch.Tensor]  # key -> (B,)
+    advantages: torch.Tensor | None = None  # (B,)
+
+
+def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_fn, executor) -> list[SampledBatch]:
+    """Roll out ``num_batches_per_epoch`` batches; each batch's rewards are computed in a worker
+    thread while the next batch is being denoised."""
+    pending = []
+    for batch_index in tqdm(range(config.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
+                            disable=not accelerator.is_local_main_process):
+        step = epoch * config.sample.num_batches_per_epoch + batch_index
+        drawn = sampler.batch(step)
+        generator = seeded_generator(config.seed, "train", step, accelerator.process_index)
+        rollouts, inputs = rollout_rows(pipeline, dataset, drawn.indices, config, generator=generator,
+                                        group_ids=drawn.group_ids)
+        pending.append((rollouts, executor.submit(reward_fn, inputs)))
+    batches = []
+    for rollouts, future in pending:
+        scores, seconds = future.result()
+        batches.append(SampledBatch(rollouts, scores))
+    return batches
+
+
+def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[str, float]:
+    """Gather every rank's rewards and group ids, normalise within groups, keep this rank's share."""
+    rewards = torch.cat([b.rewards["total"] for b in batches]).to(accelerator.device)
+    group_ids = torch.cat([b.rollouts.group_ids for b in batches]).to(accelerator.device)
+    all_rewards, all_groups = accelerator.gather(rewards), accelerator.gather(group_ids)
+    advantages, stats = group_advantages(
+        all_rewards.cpu(), all_groups.cpu(), global_std=config.sample.global_std, clip_max=config.train.adv_clip_max
+    )
+    advantages = advantages * config.train.advantage_sign
+    mine = advantages.view(accelerator.num_processes, -1)[accelerator.process_index]
+    for batch, chunk in zip(batches, mine.split([b.rollouts.batch_size for b in batches])):
+        batch.advantages = chunk.to(accelerator.device)
+    metrics = {f"reward/{k}": float(accelerator.gather(torch.cat([b.rewards[k] for b in batches]).to(
+        accelerator.device)).mean()) for k in batches[0].rewards}
+    metrics.update({"reward/zero_std_groups": stats.num_zero_std_groups, "reward/num_groups": stats.num_groups})
+    return metrics
+
+
+def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, batches) -> int:
+    """One pass (per inner epoch) over the sampled batches: every recorded SDE step of every
+    rollout is re-scored under the current LoRA and contributes one backward pass."""
+    guidance = config.sample.guidance_scale if config.train.cfg else 1.0
+    sde = sde_config(config)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    generator = seeded_generator(config.seed, "shuffle", epoch, accelerator.process_index)
+    stats = []
+    for inner in range(config.train.num_inner_epochs):
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        bar = tqdm(order, desc=f"epoch {epoch}.{inner}: training", disable=not accelerator.is_local_main_process)
+        for batch_index in bar:
+            batch = batches[batch_index]
+            rollouts = batch.rollouts
+            for step in range(rollouts.num_steps):
+                with accelerator.accumulate(transformer), accelerator.autocast():
+                    out = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
+                                           conditioning_scale=config.sample.conditioning_scale,
+                                           transformer=transformer)
+                    kl = None
+                    if config.train.beta > 0:
+                        with torch.no_grad(), accelerator.unwrap_model(transformer).disable_adapter():
+                            reference = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
+                                                         conditioning_scale=config.sample.conditioning_scale,
+                                                         transformer=accelerator.unwrap_model(transformer))
+                        kl = gaussian_kl(out.prev_sample_mean, reference.prev_sample_mean, out.std)
+                    loss, step_stats = grpo_loss(
+                        out.log_prob, rollouts.log_probs[:, step], batch.advantages,
+                        clip_range=config.train.clip_range, kl=kl, beta=config.train.beta,
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        step_stats["grad_norm"] = torch.as_tensor(
+                            accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)).detach()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                stats.append(step_stats)
+                if accelerator.sync_gradients:
+                    metrics = {f"train/{k}": v for k, v in mean_stats(stats, accelerator).items()}
+                    metrics["epoch"] = epoch
+                    accelerator.log(metrics, step=global_step)
+                    bar.set_postfix(loss=f"{metrics['train/policy_loss']:.4f}", clipfrac=f"{metrics['train/clipfrac']:.2f}")
+                    global_step += 1
+                    stats = []
+    return global_step
+
+
+def main(_):
+    config = FLAGS.config
+    # ---------------------------------------------------------------- setup
+    run_name = config.run_name or "run"
+    run_name = f"{run_name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    run_dir = Path(config.logdir, run_name)
+    train_steps = num_train_steps(config)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=[t for t in config.tracker.split(",") if t] or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        # Every trained step of every rollout batch is one backward pass.
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps * train_steps,
+    )
+    init_logging(accelerator)
+    validate_config(config, accelerator.num_processes)
+    set_seed(config.seed, device_specific=True)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        accelerator.init_trackers(run_name, config=flat_config(config))
+    logger.info("resolved config:\n%s", config)
+    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+
+    dtype = DTYPES[config.mixed_precision]
+    pipe = load_vace_pipeline(config, accelerator.device, dtype)
+    transformer = add_lora(pipe.transformer, config)
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    pipeline = VaceRolloutPipeline(pipe, dtype=dtype)
+    pipeline.transformer = transformer
+    optimizer = torch.optim.AdamW(
+        [p for p in transformer.parameters() if p.requires_grad], lr=config.train.learning_rate,
+        betas=(config.train.adam_beta1, config.train.adam_beta2), weight_decay=config.train.adam_weight_decay,
+        eps=config.train.adam_epsilon,
+    )
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+
+    train_set = ReferenceVideoDataset(config.dataset, "train")
+    test_set = ReferenceVideoDataset(config.dataset, "test")
+    sampler = KRepeatSampler(
+        train_set.reference_counts, batch_size=config.sample.train_batch_size,
+        group_size=config.sample.num_image_per_prompt, num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index, seed=config.seed,
+    )
+    reward_fn = build_reward_fn(config, accelerator.device)
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    videos_per_epoch = config.sample.train_batch_size * accelerator.num_processes * config.sample.num_batches_per_epoch
+    logger.info(
+        "***** GRPO *****\n  processes = %d\n  videos per sampling batch (all ranks) = %d\n  groups per epoch = %d "
+        "(K = %d)\n  videos per epoch = %d\n  trained steps per video = %d of %d\n  optimizer steps per epoch = %d"
+        "\n  train rows = %d, test rows = %d",
+        accelerator.num_processes, config.sample.train_batch_size * accelerator.num_processes,
+        videos_per_epoch // config.sample.num_image_per_prompt, config.sample.num_image_per_prompt,
+        videos_per_epoch, train_steps, config.sample.num_steps,
+        config.sample.num_batches_per_epoch // config.train.gradient_accumulation_steps * config.train.num_inner_epochs,
+        len(train_set), len(test_set),
+    )
+
+    # ---------------------------------------------------------------- epochs
+    global_step = 0
+    first_eval = None
+    for epoch in range(config.num_epochs):
+        if config.eval_freq and epoch % config.eval_freq == 0:
+            means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+            first_eval = first_eval or means
+            accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
+            logger.info("epoch %d eval: %s", epoch, means)
+
+        transformer.eval()
+        batches = sample_epoch(epoch, config, accelerator, pipeline, train_set, sampler, reward_fn, executor)
+        reward_metrics = assign_advantages(batches, config, accelerator)
+        accelerator.log({**reward_metrics, "epoch": epoch}, step=global_step)
+        logger.info("epoch %d rewards: %s", epoch, reward_metrics)
+
+        transformer.train()
+        global_step = train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, batches)
+
+    # ---------------------------------------------------------------- finish
+    means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+    accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(transformer).save_pretrained(run_dir / "lora")
+        summary = {"eval_before": first_eval, "eval_after": means}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for key in means:
+            before = f"{first_eval[key]:.4f}" if first_eval else "n/a"
+            logger.info("eval %s: before %s -> after %.4f", key, before, means[key])
+        logger.info("LoRA and summary written to %s", run_dir)
+    executor.shutdown()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    app.run(main)
