@@ -124,8 +124,7 @@ def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float 
     """Write ``(F, H, W, 3)`` uint8 frames as an H.264 mp4 (imageio-ffmpeg).
 
     ``lossless=True`` uses RGB H.264 at CRF 0, which decodes back bit-exactly (tests compare
-    file and in-memory scores with it); the default is ordinary yuv420p H.264, which needs even
-    width and height.
+    file and in-memory scores with it); the default is ordinary H.264 at CRF 18.
     """
     import imageio_ffmpeg
 
@@ -138,7 +137,9 @@ def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float 
     if lossless:
         options = dict(codec="libx264rgb", pix_fmt_out="rgb24", output_params=["-crf", "0", "-preset", "ultrafast"])
     else:
-        options = dict(codec="libx264", pix_fmt_out="yuv420p", output_params=["-crf", "18"])
+        # 4:2:0 chroma needs even sides; odd-sized videos keep full chroma instead.
+        chroma = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+        options = dict(codec="libx264", pix_fmt_out=chroma, output_params=["-crf", "18"])
     writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, macro_block_size=1, quality=None,
                                          ffmpeg_log_level="error", **options)
     writer.send(None)
