@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,7 @@ from vace_reward.data import PreferenceDataError, PreferencePair, read_preferenc
 from vace_reward.inference import IdentityRewardScorer
 from vace_reward.losses import bradley_terry_loss, bradley_terry_ties_loss, pairwise_accuracy
 from vace_reward.model import IdentityRewardModel
-from vace_reward.testing import build_tiny_reward_model, write_tiny_reward_model
+from vace_reward.testing import build_tiny_reward_model
 from vace_reward.train_reward import TrainRewardConfig, add_lora, merged_backbone_state_dict, parse_args, train
 
 
@@ -168,7 +169,12 @@ def _synthetic_preferences(folder, num_pairs: int, seed: int) -> list[Preference
 
 
 def test_training_learns_a_synthetic_preference(tmp_path):
-    init = write_tiny_reward_model(tmp_path / "init")
+    # A short instruction keeps sequences at ~60 tokens instead of ~860 (the long default text
+    # costs only time here; learnability does not depend on it).
+    model, processor = build_tiny_reward_model(seed=0)
+    model.config = dataclasses.replace(model.config, instruction="Rate the face match: <|SA_reward|>")
+    init = tmp_path / "init"
+    model.save_pretrained(init, processor=processor)
     train_csv = write_preference_csv(tmp_path / "train" / "pairs.csv", _synthetic_preferences(tmp_path / "train", 16, seed=0))
     eval_csv = write_preference_csv(tmp_path / "eval" / "pairs.csv", _synthetic_preferences(tmp_path / "eval", 16, seed=1))
     config = parse_args([
@@ -176,12 +182,13 @@ def test_training_learns_a_synthetic_preference(tmp_path):
         "--output-dir", str(tmp_path / "run"), "--loss", "btt", "--tie-theta", "2.0",
         "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.0",
         "--learning-rate", "3e-3", "--head-learning-rate", "3e-2",
-        "--batch-size", "4", "--gradient-accumulation-steps", "1", "--num-epochs", "3", "--seed", "0",
+        "--batch-size", "4", "--gradient-accumulation-steps", "1", "--num-epochs", "3", "--save-every", "1000",
+        "--seed", "0",
     ])
     final = train(config)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     before = history[0]["eval/accuracy"]
-    assert final["eval/accuracy"] >= 0.75, history
+    assert final["eval/accuracy"] >= 0.9, history  # 15 of 16 held-out pairs or better; chance is 0.5
     assert final["eval/accuracy"] > before
     assert final["eval/loss"] < history[0]["eval/loss"]
     # The saved final model (LoRA merged, standard layout) reproduces the trained ranking.
