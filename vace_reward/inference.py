@@ -308,11 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.video is not None and not args.refs:
         parser.error("--video needs --refs with 1-4 reference images")
 
-    scorer = IdentityRewardScorer.from_pretrained(
-        args.model, device=args.device, base_model=args.base_model, batch_size=args.batch_size,
-        num_frames=args.num_frames, max_frame_pixels=args.max_frame_pixels,
-    )
     try:
+        scorer = IdentityRewardScorer.from_pretrained(
+            args.model, device=args.device, base_model=args.base_model, batch_size=args.batch_size,
+            num_frames=args.num_frames, max_frame_pixels=args.max_frame_pixels,
+        )
         if args.video is not None:
             scores = scorer.score_videos([args.video], [args.refs], [args.prompt])
             for name, value in zip(scorer.dimensions, scores[0].tolist()):
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         rows = read_score_csv(args.csv, scorer.config.max_references)
         scores = scorer.score_videos([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
-    except RewardInputError as error:
+    except (RewardInputError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     output = args.output or args.csv.with_name(f"{args.csv.stem}_scores.csv")
     with open(output, "w", newline="", encoding="utf-8") as handle:
