@@ -59,8 +59,17 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
         step = epoch * config.sample.num_batches_per_epoch + batch_index
         drawn = sampler.batch(step)
         generator = seeded_generator(config.seed, "train", step, accelerator.process_index)
+        latents = None
+        if config.sample.same_latent:
+            # One initial noise per group (the group id is global, so ranks agree).
+            count = len(dataset[drawn.indices[0]].reference_paths)
+            latents = torch.cat([
+                pipeline.prepare_latents(1, config.height, config.width, config.frames, count,
+                                         seeded_generator(config.seed, "group", group_id))
+                for group_id in drawn.group_ids
+            ])
         rollouts, inputs = rollout_rows(pipeline, dataset, drawn.indices, config, generator=generator,
-                                        group_ids=drawn.group_ids)
+                                        group_ids=drawn.group_ids, latents=latents)
         pending.append((rollouts, executor.submit(reward_fn, inputs)))
     batches = []
     for rollouts, future in pending:
@@ -134,27 +143,43 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
     return global_step
 
 
-def main(_):
-    config = FLAGS.config
+def make_run_dir(config, accelerator) -> Path:
+    """``<logdir>/<run_name>_<timestamp>``, chosen on the main process and shared with all ranks."""
+    from accelerate.utils import broadcast_object_list
+
+    name = [None]
+    if accelerator.is_main_process:
+        name[0] = f"{config.run_name or 'run'}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+        suffix = 1
+        while Path(config.logdir, name[0]).exists():
+            name[0] = f"{name[0].rsplit('~', 1)[0]}~{suffix}"
+            suffix += 1
+        Path(config.logdir, name[0]).mkdir(parents=True)
+    broadcast_object_list(name)
+    return Path(config.logdir, name[0])
+
+
+def train(config) -> dict:
+    """Run GRPO as configured; returns the summary also written to ``<run_dir>/summary.json``."""
     # ---------------------------------------------------------------- setup
-    run_name = config.run_name or "run"
-    run_name = f"{run_name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
-    run_dir = Path(config.logdir, run_name)
     train_steps = num_train_steps(config)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=[t for t in config.tracker.split(",") if t] or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        # Trackers write to <logdir>/<run name> (the run name is the tracker project name).
+        project_config=ProjectConfiguration(project_dir=config.logdir, logging_dir=config.logdir),
         # Every trained step of every rollout batch is one backward pass.
         gradient_accumulation_steps=config.train.gradient_accumulation_steps * train_steps,
     )
+    run_dir = make_run_dir(config, accelerator)
+    run_name = run_dir.name
     init_logging(accelerator)
     validate_config(config, accelerator.num_processes)
     set_seed(config.seed, device_specific=True)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        accelerator.init_trackers(run_name, config=flat_config(config))
+        accelerator.init_trackers(run_name, config=flat_config(config),
+                                  init_kwargs={"wandb": {"name": run_name, "dir": str(run_dir)}})
     logger.info("resolved config:\n%s", config)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
 
@@ -216,9 +241,9 @@ def main(_):
     # ---------------------------------------------------------------- finish
     means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
+    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means}
     if accelerator.is_main_process:
         accelerator.unwrap_model(transformer).save_pretrained(run_dir / "lora")
-        summary = {"eval_before": first_eval, "eval_after": means}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for key in means:
             before = f"{first_eval[key]:.4f}" if first_eval else "n/a"
@@ -226,6 +251,11 @@ def main(_):
         logger.info("LoRA and summary written to %s", run_dir)
     executor.shutdown()
     accelerator.end_training()
+    return summary
+
+
+def main(_):
+    train(FLAGS.config)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def build_vae():
     with torch.no_grad():
         for module in vae.decoder.modules():
             if isinstance(module, torch.nn.Conv3d):
-                module.weight.mul_(1.5)
+                module.weight.mul_(2.0)
                 if module.bias is not None:
                     module.bias.zero_()
     return vae
