@@ -130,6 +130,86 @@ def write_tiny_vace(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------- Phantom
+# Phantom-Wan ships its DiT as an original-format Wan ``.pth``; the tiny Phantom checkpoint is a
+# diffusers Wan2.1-T2V folder (tokenizer, UMT5, VAE, scheduler, a T2V transformer) plus such a
+# ``.pth`` holding a DIFFERENT tiny transformer, so tests can tell which weights were loaded.
+TINY_PHANTOM_DIT = "phantom_dit.pth"
+
+# diffusers name -> original Wan name, applied in order (the inverse of diffusers'
+# ``convert_wan_transformer_to_diffusers`` for the text-to-video architecture).
+_DIFFUSERS_TO_ORIGINAL_WAN = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_out\.0\.", ".o."),
+    (r"\.to_([qkv])\.", r".\1."),
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."),
+    # Original blocks: norm1, norm2 (no affine), norm3 = the affine cross-attention norm, which
+    # diffusers calls norm2.
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+]
+
+
+def to_original_wan_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ``WanTransformer3DModel`` state dict under the original Wan key names
+    (``blocks.0.self_attn.q.weight``, ``head.head.weight``, ...), as in a released ``.pth``."""
+    import re
+
+    converted = {}
+    for key, value in state_dict.items():
+        original = key
+        for pattern, replacement in _DIFFUSERS_TO_ORIGINAL_WAN:
+            original = re.sub(pattern, replacement, original)
+        converted[original] = value.detach().clone()
+    return converted
+
+
+def build_tiny_phantom_dit(seed: int = 1):
+    """The tiny Phantom DiT: the tiny T2V architecture with its own seeded weights."""
+    torch.manual_seed(seed)
+    return build_t2v_transformer()
+
+
+def build_tiny_t2v_pipeline(seed: int = 0):
+    """An in-memory ``WanPipeline`` of tiny random components (the Wan2.1-T2V base Phantom uses)."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer)), vae=build_vae(),
+        transformer=build_t2v_transformer(), scheduler=build_scheduler(),
+    )
+
+
+def write_tiny_phantom(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny Phantom checkpoint: a diffusers T2V folder at ``path`` and, inside it,
+    ``phantom_dit.pth`` (original Wan keys, different weights from the folder's transformer).
+    Atomic like :func:`write_tiny_vace`."""
+    path = Path(path)
+    if (path / "model_index.json").is_file() and (path / TINY_PHANTOM_DIT).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    build_tiny_t2v_pipeline(seed).save_pretrained(staging)
+    torch.save(to_original_wan_keys(build_tiny_phantom_dit(seed + 1).state_dict()), staging / TINY_PHANTOM_DIT)
+    try:
+        os.rename(staging, path)
+    except OSError:  # another process won the race; its copy is identical
+        if not (path / "model_index.json").is_file():
+            raise
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the tiny diffusers VACE pipeline to")

@@ -1,0 +1,420 @@
+"""Batched Phantom-Wan rollouts with the SDE sampler, built from diffusers' Wan2.1-T2V components.
+
+No diffusers pipeline exists for Phantom. Its DiT is the Wan2.1-T2V architecture
+(``WanTransformer3DModel``); the tokenizer, UMT5 encoder, VAE and scheduler are Wan2.1-T2V's.
+What makes it Phantom is the conditioning and the guidance, written here:
+
+- Each reference image is fitted (aspect kept, centred) onto a white canvas of the video size,
+  VAE-encoded as a one-frame video and normalised: one clean latent frame per reference,
+  APPENDED AFTER the video latent frames along time, in input order. The transformer sees
+  ``[noisy video frames, clean reference frames]``; its prediction for the reference slots is
+  discarded.
+- Three guidance branches per step, run as ONE transformer call on the stacked batch:
+  ``pos_it`` (refs + prompt), ``pos_i`` (refs + negative prompt), ``neg`` (zero reference
+  latents + negative prompt), combined as
+  ``neg + s_img * (pos_i - neg) + s_text * (pos_it - pos_i)``.
+
+What the SDE acts on (a choice, documented because it shapes the log-probs): only the video
+frames. The reference frames are not part of the state; they are re-inserted clean before every
+transformer call (Phantom's own loop also overwrites them every step, so the video trajectory is
+the same). Hence in the :class:`Rollouts` record ``latents`` / ``next_latents`` hold video-frame
+latents only, ``log_probs`` are means over video-frame elements only (the reference slots carry
+no action, so counting them would only dilute the ratio with constants), and ``conditioning``
+holds the clean reference latents ``(B, z, n, h, w)``.
+
+The rollout object is a drop-in for :class:`~identity_grpo.pipelines.vace.VaceRolloutPipeline`:
+same ``__call__`` / ``rescore`` / ``prepare_latents`` / ``encode_prompts`` / ``negative_embeds``
+signatures, same ``Rollouts`` record and SDE step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from identity_grpo.pipelines.vace import Rollouts, SDEConfig, frames_to_uint8
+from identity_grpo.sde import sde_step
+
+logger = logging.getLogger(__name__)
+
+# Phantom-Wan's released sampling defaults.
+DEFAULT_IMAGE_GUIDANCE_SCALE = 5.0
+DEFAULT_TEXT_GUIDANCE_SCALE = 7.5
+DEFAULT_FLOW_SHIFT = 5.0
+
+
+def fit_on_white_canvas(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """``(3, height, width)`` float32 in [-1, 1]: ``image`` resized with its aspect kept to fit the
+    canvas, centred on white (Phantom's reference preprocessing)."""
+    image = image.convert("RGB")
+    scale = min(height / image.height, width / image.width)
+    new_height = max(1, min(height, round(image.height * scale)))
+    new_width = max(1, min(width, round(image.width * scale)))
+    resized = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(resized, ((width - new_width) // 2, (height - new_height) // 2))
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class PhantomRolloutPipeline:
+    """Batched SDE/ODE sampling and re-scoring for a (LoRA-adapted) Phantom-Wan transformer.
+
+    Args:
+        pipe: a ``WanPipeline`` (Wan2.1-T2V components) whose ``transformer`` holds Phantom's
+            weights; ``transformer`` may later be replaced by a peft / DDP-wrapped module.
+        image_guidance_scale: ``s_img``, weight of ``pos_i - neg`` (how strongly the references act).
+        text_guidance_scale: ``s_text``, weight of ``pos_it - pos_i`` (how strongly the prompt acts).
+        dtype: compute dtype of the transformer inputs (the frozen weights' dtype).
+
+    The ``guidance_scale`` argument of ``__call__`` / ``rescore`` only switches guidance on
+    (``> 1``: the three-branch formula with the scales above) or off (``<= 1``: the single
+    conditional branch, e.g. ``train.cfg = False``); it keeps the VACE pipeline's signature.
+    """
+
+    def __init__(self, pipe, *, image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+                 text_guidance_scale: float = DEFAULT_TEXT_GUIDANCE_SCALE, dtype: torch.dtype | None = None):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.transformer_config = pipe.transformer.config
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        self.image_guidance_scale = float(image_guidance_scale)
+        self.text_guidance_scale = float(text_guidance_scale)
+        self.dtype = dtype or next(pipe.transformer.parameters()).dtype
+        self.device = next(pipe.transformer.parameters()).device
+        self.z_dim = self.vae.config.z_dim
+        self.scale_spatial = pipe.vae_scale_factor_spatial
+        self.scale_temporal = pipe.vae_scale_factor_temporal
+        self._negative_cache: dict[tuple[str, int], torch.Tensor] = {}
+        latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32)
+        latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32)
+        self.latents_mean = latents_mean.view(1, -1, 1, 1, 1).to(self.device)
+        self.latents_std = latents_std.view(1, -1, 1, 1, 1).to(self.device)
+
+    # ------------------------------------------------------------------ 1. check inputs
+    def check_inputs(self, prompts, reference_images, height, width, num_frames, conditioning_scale=1.0) -> int:
+        """Validate a batch; returns its number of references per item."""
+        if len(prompts) != len(reference_images):
+            raise ValueError(f"{len(prompts)} prompts but {len(reference_images)} reference lists")
+        counts = {len(refs) for refs in reference_images}
+        if len(counts) != 1:
+            raise ValueError(
+                f"one batch must have one reference count, got {sorted(counts)}; the KRepeatSampler buckets by count"
+            )
+        (count,) = counts
+        if not 1 <= count <= 4:
+            raise ValueError(f"1-4 reference images per item are supported, got {count}")
+        base = self.scale_spatial * self.transformer_config.patch_size[1]
+        if height % base or width % base:
+            raise ValueError(f"height and width must be divisible by {base}, got {height}x{width}")
+        if num_frames % self.scale_temporal != 1:
+            raise ValueError(f"num_frames must be {self.scale_temporal}k + 1, got {num_frames}")
+        self._check_conditioning_scale(conditioning_scale)
+        return count
+
+    @staticmethod
+    def _check_conditioning_scale(conditioning_scale: float) -> None:
+        if conditioning_scale != 1.0:
+            raise ValueError(f"sample.conditioning_scale={conditioning_scale} scales VACE's control stream; Phantom "
+                             "has none. Set it to 1.0 and tune sample.image_guidance_scale instead")
+
+    # ------------------------------------------------------------------ 2. encode
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> torch.Tensor:
+        """``(B, max_sequence_length, D)`` UMT5 embeddings, all prompts in one encoder call."""
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            device=self.device,
+        )
+        return embeds.to(self.dtype)
+
+    def negative_embeds(self, negative_prompt: str, max_sequence_length: int = 512) -> torch.Tensor:
+        """``(1, L, D)`` embedding of the negative prompt, encoded once per run."""
+        key = (negative_prompt, max_sequence_length)
+        if key not in self._negative_cache:
+            self._negative_cache[key] = self.encode_prompts([negative_prompt], max_sequence_length)
+        return self._negative_cache[key]
+
+    @torch.no_grad()
+    def encode_references(
+        self, reference_images: Sequence[Sequence[Image.Image]], height: int, width: int
+    ) -> torch.Tensor:
+        """``(B, z, n, h, w)`` clean, normalised reference latents in input order; all B * n
+        references go through ONE VAE call, each as its own one-frame video."""
+        num_references = len(reference_images[0])
+        canvases = [fit_on_white_canvas(image, height, width) for refs in reference_images for image in refs]
+        pixels = torch.stack(canvases)[:, :, None].to(self.device, self.vae.dtype)  # (B * n, 3, 1, H, W)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        latents = (latents.float() - self.latents_mean) / self.latents_std  # (B * n, z, 1, h, w)
+        latents = latents.view(len(reference_images), num_references, self.z_dim, *latents.shape[-2:])
+        return latents.permute(0, 2, 1, 3, 4).to(self.dtype)
+
+    # ------------------------------------------------------------------ 3. timesteps
+    def schedule(self, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps (N,), sigmas (N + 1,))`` from the scheduler, copied so later
+        ``set_timesteps`` calls elsewhere cannot change a rollout's record."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        sigmas = self.scheduler.sigmas.to(self.device, torch.float32).clone()
+        timesteps = self.scheduler.timesteps.to(self.device).clone()
+        if sigmas.numel() != timesteps.numel() + 1:
+            raise ValueError(f"scheduler gave {timesteps.numel()} timesteps but {sigmas.numel()} sigmas")
+        return timesteps, sigmas
+
+    # ------------------------------------------------------------------ 4. latents
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        frames = (num_frames - 1) // self.scale_temporal + 1
+        return (batch, self.transformer_config.in_channels, frames,
+                height // self.scale_spatial, width // self.scale_spatial)
+
+    def prepare_latents(self, batch: int, height: int, width: int, num_frames: int, num_references: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, C, F_lat, h, w)`` float32 initial noise of the VIDEO frames only, drawn on the CPU.
+
+        ``num_references`` is accepted so the train loop calls both pipelines alike; Phantom's
+        reference slots are clean latents, never noise, so it does not change the shape.
+        """
+        del num_references
+        shape = self.latent_shape(batch, height, width, num_frames)
+        return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
+
+    # ------------------------------------------------------------------ 5. denoise
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        conditioning: torch.Tensor,
+        guidance_scale: float,
+        conditioning_scale: float = 1.0,
+        transformer=None,
+    ) -> torch.Tensor:
+        """Guided velocity of the video frames, ``(B, C, F_lat, h, w)`` float32.
+
+        Args:
+            latents: ``(B, C, F_lat, h, w)`` noisy video latents.
+            conditioning: ``(B, z, n, h, w)`` clean reference latents, appended after the video.
+            guidance_scale: ``> 1`` runs the three branches as ONE call on a ``3B`` batch.
+        """
+        self._check_conditioning_scale(conditioning_scale)
+        transformer = transformer if transformer is not None else self.transformer
+        batch, video_frames = latents.shape[0], latents.shape[2]
+        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        references = conditioning.to(self.dtype)
+        with_refs = torch.cat([latents.to(self.dtype), references], dim=2)
+        do_guidance = negative_prompt_embeds is not None and guidance_scale > 1.0
+        if do_guidance:
+            negative = negative_prompt_embeds.expand(batch, -1, -1)
+            # Zero latents are Phantom's "no reference" input (zero in the normalised latent space).
+            without_refs = torch.cat([latents.to(self.dtype), torch.zeros_like(references)], dim=2)
+            hidden = torch.cat([with_refs, with_refs, without_refs])
+            text = torch.cat([prompt_embeds, negative, negative])
+            timestep = torch.cat([timestep, timestep, timestep])
+        else:
+            hidden, text = with_refs, prompt_embeds
+        noise_pred = transformer(
+            hidden_states=hidden, timestep=timestep, encoder_hidden_states=text, return_dict=False,
+        )[0].float()
+        # The reference slots' prediction is discarded: they are re-inserted clean every step.
+        noise_pred = noise_pred[:, :, :video_frames]
+        if do_guidance:
+            pos_it, pos_i, neg = noise_pred.chunk(3)
+            noise_pred = (neg + self.image_guidance_scale * (pos_i - neg)
+                          + self.text_guidance_scale * (pos_it - pos_i))
+        return noise_pred
+
+    # ------------------------------------------------------------------ 6. decode
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final video latents ``(B, C, F_lat, h, w)`` -> ``(B, F, H, W, 3)`` uint8 frames. Only video
+        frames exist in the state, so no reference frame can reach the decoded video."""
+        latents = latents.float() * self.latents_std + self.latents_mean
+        video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return frames_to_uint8(video)
+
+    # ------------------------------------------------------------------ the loop
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        reference_images: Sequence[Sequence[Image.Image]],
+        *,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: str = "",
+        max_sequence_length: int = 512,
+        conditioning_scale: float = 1.0,
+        group_ids: Sequence[int] | None = None,
+        sde_steps: Sequence[int] | None = None,
+        sde: SDEConfig | None = None,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> tuple[Rollouts, torch.Tensor]:
+        """Denoise a batch; return the transition record and the decoded ``(B, F, H, W, 3)`` uint8 frames.
+
+        ``sde_steps`` lists the step indices taken with the SDE (their log-probs are recorded);
+        all other steps are Euler ODE steps. ``None`` means every step; ``[]`` gives the
+        deterministic sampler (evaluation). ``latents``, if given, are video-frame latents
+        ``(B, C, F_lat, h, w)`` (see :meth:`prepare_latents`). ``generator`` drives the initial
+        noise (unless ``latents`` is given) and the SDE noise, on the CPU.
+        """
+        from tqdm.auto import tqdm
+
+        # 1. check inputs
+        num_references = self.check_inputs(prompts, reference_images, height, width, num_frames, conditioning_scale)
+        batch = len(prompts)
+        sde = sde or SDEConfig()
+        expected_shape = self.latent_shape(batch, height, width, num_frames)
+        if latents is not None and tuple(latents.shape) != expected_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected_shape}: Phantom latents "
+                             "hold the video frames only (make them with PhantomRolloutPipeline.prepare_latents)")
+        # 2. encode prompts and references
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompts(prompts, max_sequence_length)
+        negative = self.negative_embeds(negative_prompt, max_sequence_length) if guidance_scale > 1.0 else None
+        conditioning = self.encode_references(reference_images, height, width)
+        # 3. timesteps
+        timesteps, sigmas = self.schedule(num_inference_steps)
+        sde_steps = sorted(set(range(num_inference_steps) if sde_steps is None else sde_steps))
+        sigma_max, sigma_min = float(sigmas[1]), float(sigmas[-1])
+        # 4. latents
+        if latents is None:
+            latents = self.prepare_latents(batch, height, width, num_frames, num_references, generator)
+        latents = latents.float().to(self.device)
+        # 5. denoise
+        record_latents, record_next, record_log_probs = [], [], []
+        for index in tqdm(range(num_inference_steps), disable=not progress, desc="denoise", leave=False):
+            noise_pred = self.predict_noise(latents, timesteps[index], prompt_embeds, negative, conditioning,
+                                            guidance_scale, conditioning_scale)
+            stochastic = index in sde_steps
+            noise = None
+            if stochastic:
+                noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device)
+            out = sde_step(
+                noise_pred, latents, sigmas[index], sigmas[index + 1], schedule=sde.schedule,
+                noise_level=sde.noise_level, sigma_max=sigma_max, sigma_min=sigma_min, noise=noise,
+                deterministic=not stochastic,
+            )
+            if stochastic:
+                if out.log_prob is None:
+                    raise ValueError(f"SDE step {index} has zero noise; raise sample.noise_level or drop the step")
+                record_latents.append(latents)
+                record_next.append(out.prev_sample)
+                record_log_probs.append(out.log_prob)
+            latents = out.prev_sample
+        # 6. decode
+        frames = self.decode(latents)
+
+        def stack(items, dim=1):
+            return torch.stack(items, dim=dim) if items else torch.empty(batch, 0, device=self.device)
+
+        steps = torch.tensor(sde_steps, dtype=torch.long)
+        rollouts = Rollouts(
+            latents=stack(record_latents), next_latents=stack(record_next), log_probs=stack(record_log_probs),
+            timesteps=timesteps[steps.to(timesteps.device)] if len(sde_steps) else timesteps[:0],
+            sigmas=sigmas[steps.to(sigmas.device)] if len(sde_steps) else sigmas[:0],
+            sigmas_next=sigmas[(steps + 1).to(sigmas.device)] if len(sde_steps) else sigmas[:0],
+            step_indices=steps, conditioning=conditioning, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
+            group_ids=torch.as_tensor(list(group_ids) if group_ids is not None else range(batch), dtype=torch.long),
+            num_references=num_references, sigma_max=sigma_max, sigma_min=sigma_min,
+        )
+        return rollouts, frames
+
+    def rescore(
+        self,
+        rollouts: Rollouts,
+        step: int,
+        *,
+        guidance_scale: float,
+        sde: SDEConfig,
+        conditioning_scale: float = 1.0,
+        transformer=None,
+    ):
+        """Re-evaluate recorded step ``step`` (position in ``rollouts``) under ``transformer``:
+        returns the :class:`~identity_grpo.sde.SDEStepOutput` with the stored action as
+        ``prev_sample``, so ``log_prob`` (a mean over video-frame elements) carries gradients."""
+        latents = rollouts.latents[:, step]
+        noise_pred = self.predict_noise(
+            latents, rollouts.timesteps[step], rollouts.prompt_embeds, rollouts.negative_prompt_embeds,
+            rollouts.conditioning, guidance_scale, conditioning_scale, transformer=transformer,
+        )
+        return sde_step(
+            noise_pred, latents, rollouts.sigmas[step], rollouts.sigmas_next[step], schedule=sde.schedule,
+            noise_level=sde.noise_level, sigma_max=rollouts.sigma_max, sigma_min=rollouts.sigma_min,
+            prev_sample=rollouts.next_latents[:, step],
+        )
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _scheduler_with_shift(scheduler, shift: float | None):
+    """The base scheduler with its flow shift set to ``shift`` (None keeps the folder's value).
+    UniPC (Wan's default) calls it ``flow_shift``, flow-match Euler ``shift``."""
+    if not shift:
+        return scheduler
+    for name in ("flow_shift", "shift"):
+        if name in scheduler.config:
+            return type(scheduler).from_config(scheduler.config, **{name: float(shift)})
+    raise ValueError(f"{type(scheduler).__name__} has no flow shift setting; unset sample.flow_shift")
+
+
+def load_phantom_pipeline(config, device: torch.device, dtype: torch.dtype) -> PhantomRolloutPipeline:
+    """The Phantom rollout pipeline for ``config.model_type == "phantom"``; all weights frozen.
+
+    Reads ``config.pretrained.model`` (Wan2.1-T2V-1.3B diffusers folder or hub id: tokenizer,
+    UMT5, VAE, scheduler, transformer config), ``config.pretrained.phantom_dit`` (the released
+    ``.pth`` or a converted diffusers transformer folder), ``config.pretrained.build_tiny``,
+    ``config.sample.image_guidance_scale``, ``config.sample.text_guidance_scale``,
+    ``config.sample.flow_shift``. The transformer and text encoder are in ``dtype``, the VAE in
+    fp32 (Wan's VAE is numerically fragile in half precision).
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from identity_grpo.phantom_convert import load_phantom_transformer
+
+    base = config.pretrained.model
+    if config.pretrained.get("build_tiny", False) and not Path(base, "model_index.json").is_file():
+        from identity_grpo.testing import write_tiny_phantom
+
+        logger.info("writing tiny random Phantom models to %s", base)
+        write_tiny_phantom(base)
+    dit = config.pretrained.get("phantom_dit", "")
+    if not dit:
+        raise ValueError("config.pretrained.phantom_dit is empty: set it to Phantom-Wan-1.3B.pth (original format) "
+                         "or to a converted diffusers transformer folder")
+    sample = config.sample
+    if sample.guidance_scale > 1.0 and sample.guidance_scale != sample.text_guidance_scale:
+        raise ValueError(
+            f"for Phantom, sample.guidance_scale ({sample.guidance_scale}) only switches guidance on (> 1) or off "
+            f"(1.0); the text scale is sample.text_guidance_scale ({sample.text_guidance_scale}). Set "
+            "sample.guidance_scale to sample.text_guidance_scale, or to 1.0 for no guidance"
+        )
+    local = Path(base).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=local)
+    text_encoder = UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype,
+                                                    local_files_only=local)
+    vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32, local_files_only=local)
+    transformer = load_phantom_transformer(dit, base, dtype=dtype, local_files_only=local)
+    # Only the scheduler is still read from the folder; the other components are passed in.
+    pipe = WanPipeline.from_pretrained(
+        base, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        local_files_only=local,
+    )
+    pipe.scheduler = _scheduler_with_shift(pipe.scheduler, sample.get("flow_shift", None))
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+        module.to(device)
+    return PhantomRolloutPipeline(pipe, image_guidance_scale=sample.image_guidance_scale,
+                                  text_guidance_scale=sample.text_guidance_scale, dtype=dtype)
