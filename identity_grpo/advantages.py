@@ -79,3 +79,64 @@ def zero_std_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
     group_max = group_max.scatter_reduce(0, inverse, rewards, "amax")
     group_min = group_min.scatter_reduce(0, inverse, rewards, "amin")
     return (group_max == group_min)[inverse]
+
+
+def weighted_group_advantages(
+    rewards: dict[str, torch.Tensor],
+    group_ids: torch.Tensor,
+    weights: dict[str, float],
+    *,
+    level: str = "reward",
+    global_std: bool = False,
+    clip_max: float = 5.0,
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, AdvantageStats]:
+    """Advantages of several rewards combined with ``weights``, at the reward or the advantage level.
+
+    - ``level="reward"``: ``group_advantages(sum_k w_k * r_k)``: one normalisation of the weighted sum.
+    - ``level="advantage"``: ``clip(sum_k w_k * group_advantages(r_k))``: each reward is normalised
+      within its group first, so a reward with a large spread cannot drown a reward with a small one
+      (GRPO's normalisation would otherwise divide both by the spread of their sum).
+
+    Args:
+        rewards: key -> ``(N,)`` rewards of every sample in the epoch (gathered from all ranks).
+            Keys not in ``weights`` are ignored.
+        group_ids: ``(N,)`` integer group ids, as in :func:`group_advantages`.
+        weights: key -> weight; every key must be in ``rewards``.
+        level: ``"reward"`` or ``"advantage"``.
+        global_std, clip_max, eps: as in :func:`group_advantages` (applied to each reward at the
+            advantage level, and the weighted sum is clipped to ``[-clip_max, clip_max]`` again).
+
+    Returns:
+        ``(N,)`` float32 advantages and the stats; at the advantage level a group counts as
+        zero-std only if every weighted reward is constant in it.
+
+    Raises:
+        ValueError: unknown level, a weighted key missing from ``rewards``, no weights, or the
+            errors of :func:`group_advantages` (NaN/inf rewards, shapes).
+    """
+    if level not in ("reward", "advantage"):
+        raise ValueError(f"level must be 'reward' or 'advantage', got {level!r}")
+    if not weights:
+        raise ValueError("weights is empty: name at least one reward key to combine")
+    missing = sorted(set(weights) - set(rewards))
+    if missing:
+        raise ValueError(f"weighted reward key(s) {missing} are not among the rewards {sorted(rewards)}")
+    if level == "reward":
+        total = sum(float(w) * rewards[key].double() for key, w in weights.items())
+        return group_advantages(total, group_ids, global_std=global_std, clip_max=clip_max, eps=eps)
+    combined = torch.zeros(group_ids.shape, dtype=torch.float64, device=group_ids.device)
+    constant = torch.ones(group_ids.shape, dtype=torch.bool, device=group_ids.device)
+    stats = None
+    for key, weight in weights.items():
+        advantages, stats = group_advantages(
+            rewards[key], group_ids, global_std=global_std, clip_max=clip_max, eps=eps
+        )
+        combined = combined + float(weight) * advantages.double()
+        constant &= zero_std_mask(rewards[key], group_ids)
+    stats = AdvantageStats(
+        num_groups=stats.num_groups,
+        num_zero_std_groups=torch.unique(group_ids[constant]).numel(),
+        mean_group_size=stats.mean_group_size,
+    )
+    return combined.clamp(-clip_max, clip_max).float(), stats

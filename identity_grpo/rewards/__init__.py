@@ -36,6 +36,23 @@ class RewardInputs:
             raise ValueError("frames, reference_images and prompts must have the same batch size")
 
 
+def config_field(section, name: str, default):
+    """``section.name`` if present and not None, else ``default`` (ConfigDict, dict, namespace or None).
+
+    Rewards read their options through this so configs written before an option existed still work.
+    """
+    if section is None:
+        return default
+    if isinstance(section, Mapping):
+        value = section.get(name, default)
+    else:
+        try:
+            value = getattr(section, name)
+        except (AttributeError, KeyError):
+            return default
+    return default if value is None else value
+
+
 RewardFn = Callable[[RewardInputs], dict[str, torch.Tensor]]
 RewardFactory = Callable[[object, torch.device], RewardFn]
 REGISTRY: dict[str, RewardFactory] = {}
@@ -92,8 +109,13 @@ class CombinedReward:
 
 
 def build_reward_fn(config, device: torch.device) -> CombinedReward:
-    """Build the rewards named in ``config.reward_fn`` (a mapping name -> weight)."""
-    from identity_grpo.rewards import pixel  # noqa: F401  (registers the built-in rewards)
+    """Build the rewards named in ``config.reward_fn`` (a mapping name -> weight).
+
+    With ``config.reward_combination.mode`` set to ``"idcrafter"`` or ``"evoid"`` the returned
+    reward's ``total`` is that composite instead of the weighted sum (see
+    :mod:`identity_grpo.rewards.composite`).
+    """
+    from identity_grpo.rewards import composite, facesim, pixel  # noqa: F401  (register the built-in rewards)
 
     try:
         from identity_grpo.rewards import identity  # noqa: F401
@@ -105,4 +127,7 @@ def build_reward_fn(config, device: torch.device) -> CombinedReward:
     unknown = sorted(set(weights) - set(REGISTRY))
     if unknown:
         raise ValueError(f"config.reward_fn names unknown reward(s) {unknown}; registered: {sorted(REGISTRY)}")
-    return CombinedReward({name: REGISTRY[name](config, device) for name in weights}, weights)
+    combined = CombinedReward({name: REGISTRY[name](config, device) for name in weights}, weights)
+    if composite.combination_mode(config) != "sum":
+        return composite.CompositeReward(combined, config)
+    return combined
