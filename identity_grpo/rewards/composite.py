@@ -43,7 +43,6 @@ Config fields read (all optional):
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,8 +52,6 @@ import torch
 
 from identity_grpo.advantages import AdvantageStats, weighted_group_advantages
 from identity_grpo.rewards import CombinedReward, RewardInputs, config_field, register
-
-logger = logging.getLogger(__name__)
 
 MODES = ("sum", "idcrafter", "evoid")
 LEVELS = ("reward", "advantage")
