@@ -383,16 +383,7 @@ def load_phantom_pipeline(config, device: torch.device, dtype: torch.dtype) -> P
 
     from identity_grpo.phantom_convert import load_phantom_transformer
 
-    base = config.pretrained.model
-    if config.pretrained.get("build_tiny", False) and not Path(base, "model_index.json").is_file():
-        from identity_grpo.testing import write_tiny_phantom
-
-        logger.info("writing tiny random Phantom models to %s", base)
-        write_tiny_phantom(base)
-    dit = config.pretrained.get("phantom_dit", "")
-    if not dit:
-        raise ValueError("config.pretrained.phantom_dit is empty: set it to Phantom-Wan-1.3B.pth (original format) "
-                         "or to a converted diffusers transformer folder")
+    # Settings are checked before anything is written or loaded.
     sample = config.sample
     if sample.guidance_scale > 1.0 and sample.guidance_scale != sample.text_guidance_scale:
         raise ValueError(
@@ -400,6 +391,16 @@ def load_phantom_pipeline(config, device: torch.device, dtype: torch.dtype) -> P
             f"(1.0); the text scale is sample.text_guidance_scale ({sample.text_guidance_scale}). Set "
             "sample.guidance_scale to sample.text_guidance_scale, or to 1.0 for no guidance"
         )
+    dit = config.pretrained.get("phantom_dit", "")
+    if not dit:
+        raise ValueError("config.pretrained.phantom_dit is empty: set it to Phantom-Wan-1.3B.pth (original format) "
+                         "or to a converted diffusers transformer folder")
+    base = config.pretrained.model
+    if config.pretrained.get("build_tiny", False) and not Path(base, "model_index.json").is_file():
+        from identity_grpo.testing import write_tiny_phantom
+
+        logger.info("writing tiny random Phantom models to %s", base)
+        write_tiny_phantom(base)
     local = Path(base).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=local)
     text_encoder = UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype,
