@@ -74,8 +74,8 @@ def reference_loop(pipe, prompt, refs, video_noise):
     return video_latents, frames_to_uint8(video)
 
 
-@pytest.mark.parametrize("num_refs", [1, 3])
-def test_ode_rollout_matches_reference_loop(pipe, rollout, monkeypatch, num_refs):
+def test_ode_rollout_matches_reference_loop(pipe, rollout, monkeypatch):
+    num_refs = 2
     refs = faces()[:num_refs]
     noise = rollout.prepare_latents(1, H, W, FRAMES, num_refs, torch.Generator().manual_seed(3))
     expected_latents, expected_frames = reference_loop(pipe, "a man walks", refs, noise)
@@ -106,12 +106,12 @@ def test_rescore_gives_ratio_one_and_video_only_log_probs(rollout):
     refs = [faces()[:2], faces()[1:3]]
     sde = SDEConfig(schedule="identity_grpo", noise_level=1.0)
     rollouts, _ = rollout(["a man walks", "two people talk"], refs, height=H, width=W, num_frames=FRAMES,
-                          num_inference_steps=STEPS, guidance_scale=S_TEXT, max_sequence_length=SEQ,
-                          sde_steps=[0, 1, 2], sde=sde, generator=torch.Generator().manual_seed(7),
+                          num_inference_steps=3, guidance_scale=S_TEXT, max_sequence_length=SEQ,
+                          sde_steps=[0, 1], sde=sde, generator=torch.Generator().manual_seed(7),
                           group_ids=[4, 4])
-    assert rollouts.latents.shape == (2, 3, 4, LATENT_FRAMES, 4, 4)  # video frames only, no reference slots
+    assert rollouts.latents.shape == (2, 2, 4, LATENT_FRAMES, 4, 4)  # video frames only, no reference slots
     assert rollouts.conditioning.shape == (2, 4, 2, 4, 4)
-    assert rollouts.log_probs.shape == (2, 3) and rollouts.group_ids.tolist() == [4, 4]
+    assert rollouts.log_probs.shape == (2, 2) and rollouts.group_ids.tolist() == [4, 4]
     for step in range(rollouts.num_steps):
         out = rollout.rescore(rollouts, step, guidance_scale=S_TEXT, sde=sde)
         ratio = torch.exp(out.log_prob - rollouts.log_probs[:, step])
@@ -147,7 +147,7 @@ def test_references_in_input_order_never_decoded(rollout, num_refs):
 
 def test_references_change_the_video(rollout):
     noise = rollout.prepare_latents(1, H, W, FRAMES, 1, torch.Generator().manual_seed(0))
-    videos = [rollout(["a man"], [[face]], height=H, width=W, num_frames=FRAMES, num_inference_steps=2,
+    videos = [rollout(["a man"], [[face]], height=H, width=W, num_frames=FRAMES, num_inference_steps=1,
                       guidance_scale=S_TEXT, max_sequence_length=SEQ, latents=noise, sde_steps=[])[1]
               for face in faces()[:2]]
     assert (videos[0].float() - videos[1].float()).abs().mean() > 0.5
