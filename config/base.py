@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.noise_schedule = "identity_grpo"
     # Multiplier of the noise schedule (1.0 reproduces upstream Identity-GRPO; Flow-GRPO uses 0.7).
     sample.noise_level = 1.0
+    # Evaluate with the training SDE and fixed noise instead of the deterministic ODE sampler: it
+    # measures exactly the objective GRPO optimises (needs eval_num_steps == num_steps).
+    sample.eval_sde = False
     # Give every member of a group the same initial noise (exploration then comes from the SDE).
     sample.same_latent = False
 

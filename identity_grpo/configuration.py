@@ -33,6 +33,11 @@ def validate_config(config, num_processes: int = 1) -> None:
         errors.append(f"train.timestep_fraction ({train.timestep_fraction}) must be in (0, 1]")
     if sample.num_steps < 1 or sample.eval_num_steps < 1:
         errors.append("sample.num_steps and sample.eval_num_steps must be >= 1")
+    if sample.eval_sde and sample.eval_num_steps != sample.num_steps:
+        errors.append(
+            f"sample.eval_sde needs sample.eval_num_steps ({sample.eval_num_steps}) == sample.num_steps "
+            f"({sample.num_steps}): the evaluated SDE must be the trained one"
+        )
     if sample.noise_schedule not in NOISE_SCHEDULES:
         errors.append(f"sample.noise_schedule ({sample.noise_schedule!r}) must be one of {NOISE_SCHEDULES}")
     if sample.noise_level <= 0:

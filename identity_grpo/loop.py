@@ -40,7 +40,8 @@ def rollout_rows(
     """Generate one video per dataset row in ``indices``.
 
     Training rollouts use the train size and the SDE on the first ``num_train_steps`` steps;
-    evaluation uses the eval size and the deterministic sampler.
+    evaluation uses the eval size and the deterministic sampler, or with ``sample.eval_sde`` the
+    training SDE (then the eval steps must equal the training steps).
     """
     items = [dataset[i] for i in indices]
     references = [dataset.load_references(i) for i in indices]
@@ -58,7 +59,7 @@ def rollout_rows(
         max_sequence_length=config.sample.max_sequence_length,
         conditioning_scale=config.sample.conditioning_scale,
         group_ids=group_ids,
-        sde_steps=[] if evaluation else range(num_train_steps(config)),
+        sde_steps=[] if evaluation and not config.sample.eval_sde else range(num_train_steps(config)),
         sde=sde_config(config),
         latents=latents,
         generator=generator,
@@ -105,8 +106,8 @@ def evaluate(
                                          seeded_generator(config.seed, "eval", i))
                 for i in sub
             ])
-            _, inputs = rollout_rows(pipeline, dataset, sub, config, generator=seeded_generator(config.seed, "eval"),
-                                     evaluation=True, latents=latents)
+            _, inputs = rollout_rows(pipeline, dataset, sub, config, evaluation=True, latents=latents,
+                                     generator=seeded_generator(config.seed, "eval", *sub))
             scores, _ = reward_fn(inputs)
             for position, index in enumerate(sub):
                 if sub_keep[position]:

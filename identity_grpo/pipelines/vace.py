@@ -182,7 +182,11 @@ class VaceRolloutPipeline:
         key = (height, width, num_frames, num_references)
         if key not in self._mask_cache:
             mask = torch.ones(1, 3, num_frames, height, width, device=self.device)
-            self._mask_cache[key] = self.pipe.prepare_masks(mask, [[None] * num_references])
+            video_mask = self.pipe.prepare_masks(mask, [[]])
+            # Padded here rather than by prepare_masks, which slices the padding from the video
+            # mask and so gives too few zero frames when references outnumber latent frames.
+            reference_mask = torch.zeros_like(video_mask[:, :, :1]).expand(-1, -1, num_references, -1, -1)
+            self._mask_cache[key] = torch.cat([reference_mask, video_mask], dim=2)
         return self._mask_cache[key]
 
     @torch.no_grad()

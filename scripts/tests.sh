@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite (CPU, offline; about 5 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh dev
+python -m pytest tests "$@"

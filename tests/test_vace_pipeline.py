@@ -1,0 +1,164 @@
+"""The batched VACE rollout against diffusers' own WanVACEPipeline, and exact re-scoring."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from identity_grpo.pipelines.vace import SDEConfig, VaceRolloutPipeline, frames_to_uint8
+from identity_grpo.testing import build_tiny_vace_pipeline
+
+H = W = 32
+FRAMES = 5
+STEPS = 4
+GUIDANCE = 5.0
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_vace_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def rollout(pipe):
+    return VaceRolloutPipeline(pipe)
+
+
+def faces():
+    red = Image.new("RGB", (40, 30), (200, 60, 40))
+    blue = Image.new("RGB", (24, 48), (30, 90, 220))
+    green = Image.new("RGB", (32, 32), (40, 200, 60))
+    grey = Image.new("RGB", (50, 20), (128, 128, 128))
+    return [red, blue, green, grey]
+
+
+def reference_video(pipe, prompt, refs, latents):
+    out = pipe(prompt=prompt, negative_prompt="", reference_images=refs, height=H, width=W, num_frames=FRAMES,
+               num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents.clone(), output_type="np",
+               max_sequence_length=SEQ)
+    return torch.from_numpy(out.frames)  # (1, F, H, W, 3) float in [0, 1]
+
+
+@pytest.mark.parametrize("num_refs", [1, 2])
+def test_ode_rollout_matches_diffusers_pipeline(pipe, rollout, num_refs):
+    refs = faces()[:num_refs]
+    latents = rollout.prepare_latents(1, H, W, FRAMES, num_refs, torch.Generator().manual_seed(3))
+    # diffusers prepends references one at a time, reversing them; we keep input order.
+    expected = reference_video(pipe, "a man walks", list(reversed(refs)), latents)
+    _, frames = rollout(["a man walks"], [refs], height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, max_sequence_length=SEQ, latents=latents, sde_steps=[])
+    assert frames.dtype == torch.uint8 and frames.shape == (1, FRAMES, H, W, 3)
+    # Our frames are rounded to uint8: at most half a grey level from diffusers' float frames.
+    assert (frames.float() / 255 - expected).abs().max() <= 0.5 / 255 + 1e-4
+
+
+def test_reference_order_is_input_order(rollout):
+    red, blue = faces()[:2]
+    both = rollout.encode_conditioning([[red, blue]], H, W, FRAMES)
+    red_only = rollout.encode_conditioning([[red]], H, W, FRAMES)
+    blue_only = rollout.encode_conditioning([[blue]], H, W, FRAMES)
+    z = rollout.z_dim
+    # Time axis: [refs in input order, video frames]; channels: [inactive, reactive, mask].
+    assert torch.allclose(both[:, :z, 0], red_only[:, :z, 0], atol=1e-5)
+    assert torch.allclose(both[:, :z, 1], blue_only[:, :z, 0], atol=1e-5)
+    assert not torch.allclose(both[:, :z, 0], both[:, :z, 1], atol=1e-2)
+    assert torch.count_nonzero(both[:, z : 2 * z, :2]) == 0  # references have no reactive part
+    assert torch.count_nonzero(both[:, 2 * z :, :2]) == 0 and bool((both[:, 2 * z :, 2:] == 1).all())
+
+
+def test_batch_equals_single_items(rollout):
+    refs = [faces()[:2], faces()[2:4]]
+    prompts = ["a man walks", "two people talk"]
+    latents = rollout.prepare_latents(2, H, W, FRAMES, 2, torch.Generator().manual_seed(5))
+    _, batch_frames = rollout(prompts, refs, height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS,
+                              guidance_scale=GUIDANCE, max_sequence_length=SEQ, latents=latents, sde_steps=[])
+    for i in range(2):
+        _, single = rollout([prompts[i]], [refs[i]], height=H, width=W, num_frames=FRAMES,
+                            num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=SEQ,
+                            latents=latents[i : i + 1], sde_steps=[])
+        assert (single[0].int() - batch_frames[i].int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("schedule", ["identity_grpo", "flow_grpo", "cps"])
+@pytest.mark.parametrize("num_refs", [1, 4])
+def test_rescoring_gives_ratio_one(rollout, schedule, num_refs):
+    sde = SDEConfig(schedule=schedule, noise_level=0.7)
+    refs = [faces()[:num_refs]] * 3
+    rollouts, _ = rollout(["a man walks", "a woman smiles", "two people"], refs, height=H, width=W,
+                          num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                          max_sequence_length=SEQ, sde=sde, sde_steps=[0, 1, 2],
+                          generator=torch.Generator().manual_seed(0), group_ids=[7, 7, 8])
+    assert rollouts.log_probs.shape == (3, 3)
+    assert rollouts.latents.shape[:2] == (3, 3) and rollouts.latents.shape[3] == 2 + num_refs
+    assert rollouts.group_ids.tolist() == [7, 7, 8]
+    assert torch.equal(rollouts.step_indices, torch.tensor([0, 1, 2]))
+    # The state after step s is the state before step s + 1 (no step is skipped or reordered).
+    assert torch.equal(rollouts.next_latents[:, 0], rollouts.latents[:, 1])
+    for step in range(rollouts.num_steps):
+        out = rollout.rescore(rollouts, step, guidance_scale=GUIDANCE, sde=sde)
+        ratio = torch.exp(out.log_prob - rollouts.log_probs[:, step])
+        assert (ratio - 1).abs().max() < 1e-5
+
+
+def test_sde_steps_select_which_steps_are_stochastic(rollout):
+    refs = [faces()[:1]]
+    latents = rollout.prepare_latents(1, H, W, FRAMES, 1, torch.Generator().manual_seed(1))
+    kwargs = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  max_sequence_length=SEQ, latents=latents)
+    ode, ode_frames = rollout(["a man"], refs, sde_steps=[], **kwargs)
+    assert ode.num_steps == 0 and ode.log_probs.numel() == 0
+    window, window_frames = rollout(["a man"], refs, sde_steps=[1, 2], generator=torch.Generator().manual_seed(2),
+                                    **kwargs)
+    assert window.step_indices.tolist() == [1, 2]
+    # Before the first SDE step the trajectory is the ODE one: the recorded state at step 1 is
+    # exactly one Euler step from the initial noise.
+    sigmas = rollout.schedule(STEPS)[1]
+    assert window.sigmas.tolist() == pytest.approx(sigmas[1:3].tolist())
+    assert not torch.equal(window_frames, ode_frames)
+
+
+def test_mixed_reference_counts_rejected(rollout):
+    with pytest.raises(ValueError, match="one reference count"):
+        rollout(["a", "b"], [faces()[:1], faces()[:2]], height=H, width=W, num_frames=FRAMES,
+                num_inference_steps=2, guidance_scale=GUIDANCE, max_sequence_length=SEQ)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(height=30), "divisible by 16"), (dict(num_frames=6), "4k \\+ 1")],
+)
+def test_bad_sizes_rejected(rollout, kwargs, message):
+    args = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=2, guidance_scale=GUIDANCE)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        rollout(["a"], [faces()[:1]], **args)
+
+
+def test_five_references_rejected(rollout):
+    with pytest.raises(ValueError, match="1-4 reference"):
+        rollout(["a"], [faces() + faces()[:1]], height=H, width=W, num_frames=FRAMES, num_inference_steps=2,
+                guidance_scale=GUIDANCE)
+
+
+def test_frames_to_uint8_rounds_and_clamps():
+    video = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 6, 1, 1).expand(1, 3, 6, 1, 1)
+    frames = frames_to_uint8(video)
+    assert frames.shape == (1, 6, 1, 1, 3)
+    # (x / 2 + 0.5) * 255, rounded: 0, 0, 127.5 -> 128, 191.25 -> 191, 255, 255
+    assert frames[0, :, 0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_saved_tiny_model_loads_through_from_pretrained(tiny_vace_dir):
+    from identity_grpo.models import load_vace_pipeline
+    from config.dgx import tiny
+
+    config = tiny()
+    config.pretrained.model = str(tiny_vace_dir)
+    loaded = load_vace_pipeline(config, torch.device("cpu"), torch.float32)
+    fresh = build_tiny_vace_pipeline(seed=0)
+    for name in ("transformer", "vae", "text_encoder"):
+        a, b = getattr(loaded, name).state_dict(), getattr(fresh, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not any(p.requires_grad for p in loaded.transformer.parameters())
