@@ -24,14 +24,14 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from identity_grpo.advantages import group_advantages
 from identity_grpo.configuration import num_train_steps, validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.grpo import grpo_loss
 from identity_grpo.loop import evaluate, mean_stats, rollout_rows, sde_config, seeded_generator
-from identity_grpo.models import DTYPES, add_lora, load_vace_pipeline
-from identity_grpo.pipelines.vace import Rollouts, VaceRolloutPipeline
+from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
+from identity_grpo.pipelines.vace import Rollouts
 from identity_grpo.rewards import build_reward_fn
+from identity_grpo.rewards.composite import epoch_advantages
 from identity_grpo.sampling import KRepeatSampler
 from identity_grpo.sde import gaussian_kl
 from identity_grpo.tracking import flat_config, init_logging
@@ -47,6 +47,7 @@ class SampledBatch:
 
     rollouts: Rollouts
     rewards: dict[str, torch.Tensor]  # key -> (B,)
+    reward_seconds: dict[str, float]  # reward name -> wall time of its call
     advantages: torch.Tensor | None = None  # (B,)
 
 
@@ -74,25 +75,30 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
     batches = []
     for rollouts, future in pending:
         scores, seconds = future.result()
-        batches.append(SampledBatch(rollouts, scores))
+        batches.append(SampledBatch(rollouts, scores, seconds))
     return batches
 
 
 def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[str, float]:
-    """Gather every rank's rewards and group ids, normalise within groups, keep this rank's share."""
-    rewards = torch.cat([b.rewards["total"] for b in batches]).to(accelerator.device)
-    group_ids = torch.cat([b.rollouts.group_ids for b in batches]).to(accelerator.device)
-    all_rewards, all_groups = accelerator.gather(rewards), accelerator.gather(group_ids)
-    advantages, stats = group_advantages(
-        all_rewards.cpu(), all_groups.cpu(), global_std=config.sample.global_std, clip_max=config.train.adv_clip_max
-    )
-    advantages = advantages * config.train.advantage_sign
+    """Gather every rank's rewards and group ids, normalise within groups (combining rewards as
+    ``config.reward_combination`` says), keep this rank's share. Returns reward metrics."""
+    group_ids = accelerator.gather(torch.cat([b.rollouts.group_ids for b in batches]).to(accelerator.device)).cpu()
+    rewards = {
+        key: accelerator.gather(torch.cat([b.rewards[key] for b in batches]).to(accelerator.device)).cpu()
+        for key in batches[0].rewards
+    }
+    result = epoch_advantages(rewards, group_ids, config, global_std=config.sample.global_std,
+                              clip_max=config.train.adv_clip_max)
+    advantages = result.advantages * config.train.advantage_sign
     mine = advantages.view(accelerator.num_processes, -1)[accelerator.process_index]
     for batch, chunk in zip(batches, mine.split([b.rollouts.batch_size for b in batches])):
         batch.advantages = chunk.to(accelerator.device)
-    metrics = {f"reward/{k}": float(accelerator.gather(torch.cat([b.rewards[k] for b in batches]).to(
-        accelerator.device)).mean()) for k in batches[0].rewards}
-    metrics.update({"reward/zero_std_groups": stats.num_zero_std_groups, "reward/num_groups": stats.num_groups})
+    metrics = {f"reward/{key}": float(value.mean()) for key, value in rewards.items()}
+    metrics.update({f"reward/{name}/seconds": sum(b.reward_seconds[name] for b in batches)
+                    for name in batches[0].reward_seconds})
+    metrics.update(result.metrics)
+    metrics.update({"reward/zero_std_groups": result.stats.num_zero_std_groups,
+                    "reward/num_groups": result.stats.num_groups})
     return metrics
 
 
@@ -184,11 +190,10 @@ def train(config) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
 
     dtype = DTYPES[config.mixed_precision]
-    pipe = load_vace_pipeline(config, accelerator.device, dtype)
-    transformer = add_lora(pipe.transformer, config)
+    pipeline = load_rollout_pipeline(config, accelerator.device, dtype)
+    transformer = add_lora(pipeline.transformer, config)
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    pipeline = VaceRolloutPipeline(pipe, dtype=dtype)
     pipeline.transformer = transformer
     optimizer = torch.optim.AdamW(
         [p for p in transformer.parameters() if p.requires_grad], lr=config.train.learning_rate,

@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     # If true and `model` is a missing local folder, write tiny random models there first
     # (the offline quick start and tests; never set for real runs).
     pretrained.build_tiny = False
+    # Phantom only: the Phantom DiT, an original-format .pth or a converted diffusers transformer
+    # folder (`model` is then the Wan2.1-T2V-1.3B diffusers folder). See docs/phantom.md.
+    pretrained.phantom_dit = ""
     # Identity reward model folder (see vace_reward), used by the "identity" reward.
     pretrained.reward_model = "outputs/identity_reward"
 
@@ -64,6 +67,12 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eval_num_steps = 50
     # Classifier-free guidance scale (1.0 disables CFG and halves the transformer batch).
     sample.guidance_scale = 4.5
+    # Phantom only: image and text guidance scales of its three-branch guidance
+    # (neg + s_img (pos_i - neg) + s_text (pos_it - pos_i)); guidance_scale must equal s_text.
+    sample.image_guidance_scale = 5.0
+    sample.text_guidance_scale = 7.5
+    # Phantom only: flow shift of the sigma schedule (0 keeps the scheduler folder's value).
+    sample.flow_shift = 0.0
     # Negative prompt for CFG; encoded once per run.
     sample.negative_prompt = ""
     # Max tokens of the UMT5 prompt encoder (Wan uses 512).
@@ -135,6 +144,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- rewards
     # Reward name -> weight; the weighted sum is the GRPO reward. See identity_grpo/rewards.
+    # A weight of 0 scores and logs a reward without optimising it.
     config.reward_fn = ml_collections.ConfigDict({"identity": 1.0})
+    # How rewards combine (docs/rewards.md): mode "sum" (weighted sum above), "idcrafter" or
+    # "evoid"; level "reward" (combine, then normalise in groups) or "advantage" (normalise each
+    # reward in its groups, then combine).
+    config.reward_combination = ml_collections.ConfigDict({"mode": "sum", "level": "reward"})
 
     return config

@@ -53,8 +53,13 @@ def validate_config(config, num_processes: int = 1) -> None:
         )
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         errors.append(f"mixed_precision ({config.mixed_precision!r}) must be 'no', 'fp16' or 'bf16'")
-    if config.model_type not in ("vace",):
-        errors.append(f"model_type ({config.model_type!r}) must be 'vace'")
+    if config.model_type not in ("vace", "phantom"):
+        errors.append(f"model_type ({config.model_type!r}) must be 'vace' or 'phantom'")
+    elif config.model_type == "phantom" and sample.guidance_scale != sample.text_guidance_scale:
+        errors.append(
+            f"phantom: sample.guidance_scale ({sample.guidance_scale}) must equal sample.text_guidance_scale "
+            f"({sample.text_guidance_scale}); set both"
+        )
     weights = dict(config.reward_fn)
     if not weights:
         errors.append("reward_fn is empty: name at least one reward and its weight, e.g. {'identity': 1.0}")

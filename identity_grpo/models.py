@@ -39,6 +39,17 @@ def load_vace_pipeline(config, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
+def load_rollout_pipeline(config, device: torch.device, dtype: torch.dtype):
+    """The batched rollout pipeline of ``config.model_type`` ("vace" or "phantom"), weights frozen."""
+    if config.model_type == "phantom":
+        from identity_grpo.pipelines.phantom import load_phantom_pipeline
+
+        return load_phantom_pipeline(config, device, dtype)
+    from identity_grpo.pipelines.vace import VaceRolloutPipeline
+
+    return VaceRolloutPipeline(load_vace_pipeline(config, device, dtype), dtype=dtype)
+
+
 def add_lora(transformer, config):
     """Wrap ``transformer`` in a peft LoRA model (trainable params in fp32).
 
