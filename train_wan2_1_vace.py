@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from absl import app, flags
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
+from identity_grpo.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, save_lora
 from identity_grpo.configuration import num_train_steps, validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.grpo import grpo_loss
@@ -102,7 +105,7 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
     return metrics
 
 
-def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, batches) -> int:
+def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, ema, batches) -> int:
     """One pass (per inner epoch) over the sampled batches: every recorded SDE step of every
     rollout is re-scored under the current LoRA and contributes one backward pass."""
     guidance = config.sample.guidance_scale if config.train.cfg else 1.0
@@ -140,6 +143,8 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                     optimizer.zero_grad()
                 stats.append(step_stats)
                 if accelerator.sync_gradients:
+                    if ema is not None:  # once per optimizer step, not per backward pass
+                        ema.step(trainable)
                     metrics = {f"train/{k}": v for k, v in mean_stats(stats, accelerator).items()}
                     metrics["epoch"] = epoch
                     accelerator.log(metrics, step=global_step)
@@ -149,10 +154,13 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
     return global_step
 
 
-def make_run_dir(config, accelerator) -> Path:
-    """``<logdir>/<run_name>_<timestamp>``, chosen on the main process and shared with all ranks."""
+def make_run_dir(config, accelerator, resume: Path | None) -> Path:
+    """The run folder: the resumed run's, or a new ``<logdir>/<run_name>_<timestamp>`` chosen on
+    the main process and shared with all ranks."""
     from accelerate.utils import broadcast_object_list
 
+    if resume is not None:
+        return resume.parent.parent
     name = [None]
     if accelerator.is_main_process:
         name[0] = f"{config.run_name or 'run'}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
@@ -163,6 +171,20 @@ def make_run_dir(config, accelerator) -> Path:
         Path(config.logdir, name[0]).mkdir(parents=True)
     broadcast_object_list(name)
     return Path(config.logdir, name[0])
+
+
+@contextmanager
+def ema_weights(ema, parameters):
+    """Evaluate with the EMA weights, then put the trained weights back."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
 
 
 def train(config) -> dict:
@@ -177,15 +199,16 @@ def train(config) -> dict:
         # Every trained step of every rollout batch is one backward pass.
         gradient_accumulation_steps=config.train.gradient_accumulation_steps * train_steps,
     )
-    run_dir = make_run_dir(config, accelerator)
+    resume = resolve_checkpoint(config.resume_from) if config.resume_from else None
+    run_dir = make_run_dir(config, accelerator, resume)
     run_name = run_dir.name
     init_logging(accelerator)
     validate_config(config, accelerator.num_processes)
     set_seed(config.seed, device_specific=True)
     if accelerator.is_main_process:
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        accelerator.init_trackers(run_name, config=flat_config(config),
-                                  init_kwargs={"wandb": {"name": run_name, "dir": str(run_dir)}})
+        accelerator.init_trackers(run_name, config=flat_config(config), init_kwargs={
+            "wandb": {"name": run_name, "id": run_name, "resume": "allow", "dir": str(run_dir)}})
     logger.info("resolved config:\n%s", config)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
 
@@ -200,7 +223,13 @@ def train(config) -> dict:
         betas=(config.train.adam_beta1, config.train.adam_beta2), weight_decay=config.train.adam_weight_decay,
         eps=config.train.adam_epsilon,
     )
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    first_epoch, global_step = 0, 0
+    if resume is not None:
+        state = load_checkpoint(resume, peft_model=accelerator.unwrap_model(transformer), optimizer=optimizer, ema=ema)
+        first_epoch, global_step = state["epoch"], state["global_step"]
 
     train_set = ReferenceVideoDataset(config.dataset, "train")
     test_set = ReferenceVideoDataset(config.dataset, "test")
@@ -225,11 +254,11 @@ def train(config) -> dict:
     )
 
     # ---------------------------------------------------------------- epochs
-    global_step = 0
     first_eval = None
-    for epoch in range(config.num_epochs):
+    for epoch in range(first_epoch, config.num_epochs):
         if config.eval_freq and epoch % config.eval_freq == 0:
-            means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+            with ema_weights(ema, trainable):
+                means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
             first_eval = first_eval or means
             accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
             logger.info("epoch %d eval: %s", epoch, means)
@@ -239,16 +268,30 @@ def train(config) -> dict:
         reward_metrics = assign_advantages(batches, config, accelerator)
         accelerator.log({**reward_metrics, "epoch": epoch}, step=global_step)
         logger.info("epoch %d rewards: %s", epoch, reward_metrics)
+        if accelerator.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"epoch": epoch, "step": global_step, **reward_metrics}) + "\n")
 
         transformer.train()
-        global_step = train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, batches)
+        global_step = train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, ema,
+                                  batches)
+        if config.save_freq and (epoch + 1) % config.save_freq == 0:
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, epoch=epoch + 1, global_step=global_step, optimizer=optimizer, ema=ema,
+                                peft_model=accelerator.unwrap_model(transformer),
+                                limit=config.num_checkpoint_limit)
+            accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- finish
-    means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+    with ema_weights(ema, trainable):
+        means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
     summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(transformer).save_pretrained(run_dir / "lora")
+        save_lora(accelerator.unwrap_model(transformer), run_dir)
+        if ema is not None:
+            with ema_weights(ema, trainable):
+                save_lora(accelerator.unwrap_model(transformer), run_dir / "ema")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for key in means:
             before = f"{first_eval[key]:.4f}" if first_eval else "n/a"
