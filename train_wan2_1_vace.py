@@ -27,7 +27,8 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from identity_grpo.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, save_lora
-from identity_grpo.configuration import num_train_steps, validate_config
+from identity_grpo.configuration import num_train_steps, sde_step_indices, validate_config
+from identity_grpo.advantages import zero_std_mask
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.grpo import grpo_loss
 from identity_grpo.loop import evaluate, mean_stats, rollout_rows, sde_config, seeded_generator
@@ -52,6 +53,7 @@ class SampledBatch:
     rewards: dict[str, torch.Tensor]  # key -> (B,)
     reward_seconds: dict[str, float]  # reward name -> wall time of its call
     advantages: torch.Tensor | None = None  # (B,)
+    constant_group: torch.Tensor | None = None  # (B,) bool: the sample's group has equal rewards
 
 
 def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_fn, executor) -> list[SampledBatch]:
@@ -64,7 +66,7 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
         drawn = sampler.batch(step)
         generator = seeded_generator(config.seed, "train", step, accelerator.process_index)
         latents = None
-        if config.sample.same_latent:
+        if config.sample.same_latent or config.sample.fast_branch:
             # One initial noise per group (the group id is global, so ranks agree).
             count = len(dataset[drawn.indices[0]].reference_paths)
             latents = torch.cat([
@@ -73,7 +75,8 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
                 for group_id in drawn.group_ids
             ])
         rollouts, inputs = rollout_rows(pipeline, dataset, drawn.indices, config, generator=generator,
-                                        group_ids=drawn.group_ids, latents=latents)
+                                        group_ids=drawn.group_ids, latents=latents,
+                                        sde_steps=sde_step_indices(config, step))
         pending.append((rollouts, executor.submit(reward_fn, inputs)))
     batches = []
     for rollouts, future in pending:
@@ -94,8 +97,11 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
                               clip_max=config.train.adv_clip_max)
     advantages = result.advantages * config.train.advantage_sign
     mine = advantages.view(accelerator.num_processes, -1)[accelerator.process_index]
-    for batch, chunk in zip(batches, mine.split([b.rollouts.batch_size for b in batches])):
+    constant = zero_std_mask(rewards["total"], group_ids).view(accelerator.num_processes, -1)[accelerator.process_index]
+    sizes = [b.rollouts.batch_size for b in batches]
+    for batch, chunk, flags in zip(batches, mine.split(sizes), constant.split(sizes)):
         batch.advantages = chunk.to(accelerator.device)
+        batch.constant_group = flags
     metrics = {f"reward/{key}": float(value.mean()) for key, value in rewards.items()}
     metrics.update({f"reward/{name}/seconds": sum(b.reward_seconds[name] for b in batches)
                     for name in batches[0].reward_seconds})
@@ -118,7 +124,13 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
         bar = tqdm(order, desc=f"epoch {epoch}.{inner}: training", disable=not accelerator.is_local_main_process)
         for batch_index in bar:
             batch = batches[batch_index]
-            rollouts = batch.rollouts
+            rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
+            if config.train.filter_zero_std_groups:
+                keep = (~batch.constant_group).nonzero().flatten()
+                if len(keep):
+                    rollouts, advantages = rollouts.select(keep.to(rollouts.latents.device)), advantages[keep]
+                else:  # nothing to learn here, but every rank must make the same backward calls
+                    loss_scale = 0.0
             for step in range(rollouts.num_steps):
                 with accelerator.accumulate(transformer), accelerator.autocast():
                     out = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
@@ -132,10 +144,10 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                                                          transformer=accelerator.unwrap_model(transformer))
                         kl = gaussian_kl(out.prev_sample_mean, reference.prev_sample_mean, out.std)
                     loss, step_stats = grpo_loss(
-                        out.log_prob, rollouts.log_probs[:, step], batch.advantages,
+                        out.log_prob, rollouts.log_probs[:, step], advantages,
                         clip_range=config.train.clip_range, kl=kl, beta=config.train.beta,
                     )
-                    accelerator.backward(loss)
+                    accelerator.backward(loss * loss_scale)
                     if accelerator.sync_gradients:
                         step_stats["grad_norm"] = torch.as_tensor(
                             accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)).detach()

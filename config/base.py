@@ -98,6 +98,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluate with the training SDE and fixed noise instead of the deterministic ODE sampler: it
     # measures exactly the objective GRPO optimises (needs eval_num_steps == num_steps).
     sample.eval_sde = False
+    # Window mode (MixGRPO-style): SDE on a contiguous window of this many steps, its start drawn
+    # per sampling batch; ODE elsewhere; only window steps are trained. 0: off (the first
+    # floor(num_steps * train.timestep_fraction) steps are SDE and trained).
+    sample.sde_window_size = 0
+    # Fast mode (Flow-GRPO-Fast): a group shares its initial noise and its ODE prefix (computed
+    # once per group on each rank), then branches with the SDE inside the window. Needs
+    # sde_window_size > 0; implies same_latent.
+    sample.fast_branch = False
     # Give every member of a group the same initial noise (exploration then comes from the SDE).
     sample.same_latent = False
 
@@ -130,6 +138,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.beta = 0.004
     # Multiply advantages by this (-1 trains to LOWER the reward; used by tests as a control).
     train.advantage_sign = 1.0
+    # Leave samples of groups whose rewards are all equal out of the update (their advantage is
+    # 0; only the KL term would act on them). The number of such groups is logged either way.
+    train.filter_zero_std_groups = False
     # LoRA on the transformer's attention projections.
     train.lora_rank = 32
     train.lora_alpha = 64

@@ -9,7 +9,26 @@ from identity_grpo.sde import NOISE_SCHEDULES
 
 def num_train_steps(config) -> int:
     """How many of a rollout's denoising steps are SDE steps that get trained."""
+    if config.sample.sde_window_size > 0:
+        return config.sample.sde_window_size
     return max(1, math.floor(config.sample.num_steps * config.train.timestep_fraction))
+
+
+def sde_step_indices(config, step: int) -> list[int]:
+    """The SDE (= trained) steps of the rollouts of global sampling step ``step``.
+
+    Default: the first ``num_train_steps`` steps. Window mode (``sample.sde_window_size > 0``,
+    MixGRPO-style): a contiguous window whose start is drawn per sampling step, the same on all
+    ranks (so batches stack and collectives match), ODE elsewhere.
+    """
+    size = config.sample.sde_window_size
+    if size <= 0:
+        return list(range(num_train_steps(config)))
+    import torch
+
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    start = int(torch.randint(0, config.sample.num_steps - size + 1, (1,), generator=generator))
+    return list(range(start, start + size))
 
 
 def validate_config(config, num_processes: int = 1) -> None:
@@ -29,6 +48,12 @@ def validate_config(config, num_processes: int = 1) -> None:
             errors.append(f"{prefix}height/{prefix}width ({height}x{width}) must be divisible by 16")
         if frames % 4 != 1:
             errors.append(f"{prefix}frames ({frames}) must be 4k + 1, e.g. {frames - frames % 4 + 1}")
+    if not 0 <= sample.sde_window_size <= sample.num_steps:
+        errors.append(f"sample.sde_window_size ({sample.sde_window_size}) must be in [0, sample.num_steps]")
+    if sample.fast_branch and config.model_type != "vace":
+        errors.append("sample.fast_branch is implemented for model_type 'vace' only")
+    if sample.fast_branch and sample.sde_window_size <= 0:
+        errors.append("sample.fast_branch needs sample.sde_window_size > 0 (the SDE window after the shared prefix)")
     if not 0 < train.timestep_fraction <= 1:
         errors.append(f"train.timestep_fraction ({train.timestep_fraction}) must be in (0, 1]")
     if sample.num_steps < 1 or sample.eval_num_steps < 1:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from identity_grpo.configuration import num_train_steps
+from identity_grpo.configuration import sde_step_indices
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.pipelines.vace import Rollouts, SDEConfig, VaceRolloutPipeline
 from identity_grpo.rewards import CombinedReward, RewardInputs
@@ -36,12 +38,14 @@ def rollout_rows(
     group_ids: Sequence[int] | None = None,
     evaluation: bool = False,
     latents: torch.Tensor | None = None,
+    sde_steps: Sequence[int] | None = None,
 ) -> tuple[Rollouts, RewardInputs]:
     """Generate one video per dataset row in ``indices``.
 
     Training rollouts use the train size and the SDE on the first ``num_train_steps`` steps;
     evaluation uses the eval size and the deterministic sampler, or with ``sample.eval_sde`` the
-    training SDE (then the eval steps must equal the training steps).
+    training SDE (then the eval steps must equal the training steps). ``sde_steps`` overrides the
+    SDE steps of a training rollout (window mode draws them per sampling step).
     """
     items = [dataset[i] for i in indices]
     references = [dataset.load_references(i) for i in indices]
@@ -59,10 +63,13 @@ def rollout_rows(
         max_sequence_length=config.sample.max_sequence_length,
         conditioning_scale=config.sample.conditioning_scale,
         group_ids=group_ids,
-        sde_steps=[] if evaluation and not config.sample.eval_sde else range(num_train_steps(config)),
+        sde_steps=[] if evaluation and not config.sample.eval_sde else (
+            sde_steps if sde_steps is not None else sde_step_indices(config, 0)),
         sde=sde_config(config),
         latents=latents,
         generator=generator,
+        # Flow-GRPO-Fast: the group's shared ODE prefix is computed once (VACE pipeline only).
+        **({"shared_prefix": True} if config.sample.fast_branch and not evaluation else {}),
     )
     return rollouts, RewardInputs(frames=frames.cpu(), reference_images=references, prompts=prompts)
 
@@ -131,3 +138,20 @@ def mean_stats(stats: list[dict[str, torch.Tensor]], accelerator) -> dict[str, f
         local = torch.stack([s[key].float() for s in stats]).mean().to(accelerator.device)
         out[key] = float(accelerator.reduce(local, "mean"))
     return out
+
+
+def make_unique_dir(parent: str | Path, name: str, accelerator) -> Path:
+    """Create ``<parent>/<name>_<timestamp>`` (``~1``, ``~2``, ... appended if taken) on the main
+    process and return it on every rank: a run never writes into an existing folder."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [None]
+    if accelerator.is_main_process:
+        stem = f"{name}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+        path, suffix = Path(parent, stem), 1
+        while path.exists():
+            path, suffix = Path(parent, f"{stem}~{suffix}"), suffix + 1
+        path.mkdir(parents=True)
+        chosen[0] = str(path)
+    broadcast_object_list(chosen)
+    return Path(chosen[0])

@@ -162,3 +162,34 @@ def test_saved_tiny_model_loads_through_from_pretrained(tiny_vace_dir):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert not any(p.requires_grad for p in loaded.transformer.parameters())
+
+
+def test_shared_prefix_equals_full_rollout_with_fewer_calls(rollout):
+    refs = [faces()[:1]] * 4
+    prompts = ["a man walks"] * 2 + ["a woman smiles"] * 2
+    group_ids = [3, 3, 9, 9]
+    noise = rollout.prepare_latents(2, H, W, FRAMES, 1, torch.Generator().manual_seed(4))
+    latents = noise[[0, 0, 1, 1]]
+    calls = []
+    hook = rollout.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        kwargs = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      max_sequence_length=SEQ, sde_steps=[2, 3], group_ids=group_ids)
+        full, full_frames = rollout(prompts, refs, latents=latents, generator=torch.Generator().manual_seed(1),
+                                    **kwargs)
+        full_calls = list(calls)
+        calls.clear()
+        fast, fast_frames = rollout(prompts, refs, latents=latents, generator=torch.Generator().manual_seed(1),
+                                    shared_prefix=True, **kwargs)
+    finally:
+        hook.remove()
+    # One stacked CFG call per step (2 x batch); the 2-step ODE prefix runs on 2 groups, not 4.
+    assert full_calls == [8, 8, 8, 8]
+    assert calls == [4, 4, 8, 8]
+    assert torch.allclose(full.latents, fast.latents, atol=1e-5)
+    assert torch.allclose(full.log_probs, fast.log_probs, atol=1e-4)
+    assert (full_frames.int() - fast_frames.int()).abs().max() <= 1
+    assert torch.equal(fast.latents[0, 0], fast.latents[1, 0])
+    with pytest.raises(ValueError, match="identical initial latents"):
+        rollout(prompts, refs, latents=rollout.prepare_latents(4, H, W, FRAMES, 1), shared_prefix=True, **kwargs)

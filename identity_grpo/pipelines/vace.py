@@ -299,6 +299,7 @@ class VaceRolloutPipeline:
         latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        shared_prefix: bool = False,
         progress: bool = False,
     ) -> tuple[Rollouts, torch.Tensor]:
         """Denoise a batch; return the transition record and the decoded uint8 frames.
@@ -307,6 +308,10 @@ class VaceRolloutPipeline:
         all other steps are Euler ODE steps. ``None`` means every step; ``[]`` gives the
         deterministic sampler (evaluation). ``generator`` drives the initial noise (unless
         ``latents`` is given) and the SDE noise, on the CPU so runs reproduce across devices.
+
+        ``shared_prefix`` (Flow-GRPO-Fast): members of a group start from the same latents, so
+        their ODE steps before the first SDE step are identical; they are computed once per
+        group in this batch and copied, saving ``(K_local - 1) / K_local`` of those calls.
         """
         from tqdm.auto import tqdm
 
@@ -327,9 +332,14 @@ class VaceRolloutPipeline:
         if latents is None:
             latents = self.prepare_latents(batch, height, width, num_frames, num_references, generator)
         latents = latents.float().to(self.device)
+        first_step = 0
+        if shared_prefix:
+            first_step = sde_steps[0] if sde_steps else num_inference_steps
+            latents = self._shared_ode_prefix(latents, group_ids, first_step, timesteps, sigmas, prompt_embeds,
+                                              negative, conditioning, guidance_scale, conditioning_scale)
         # 5. denoise
         record_latents, record_next, record_log_probs = [], [], []
-        for index in tqdm(range(num_inference_steps), disable=not progress, desc="denoise", leave=False):
+        for index in tqdm(range(first_step, num_inference_steps), disable=not progress, desc="denoise", leave=False):
             noise_pred = self.predict_noise(latents, timesteps[index], prompt_embeds, negative, conditioning,
                                             guidance_scale, conditioning_scale)
             stochastic = index in sde_steps
@@ -366,6 +376,25 @@ class VaceRolloutPipeline:
             num_references=num_references, sigma_max=sigma_max, sigma_min=sigma_min,
         )
         return rollouts, frames
+
+    def _shared_ode_prefix(self, latents, group_ids, num_steps, timesteps, sigmas, prompt_embeds, negative,
+                           conditioning, guidance_scale, conditioning_scale) -> torch.Tensor:
+        """Run ODE steps ``[0, num_steps)`` once per group and expand back to the batch."""
+        if group_ids is None:
+            raise ValueError("shared_prefix needs group_ids")
+        ids = torch.as_tensor(list(group_ids))
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        first = torch.zeros(len(unique), dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(len(ids)), "amin", include_self=False)
+        inverse, first = inverse.to(self.device), first.to(self.device)
+        if not torch.equal(latents, latents[first][inverse]):
+            raise ValueError("shared_prefix needs identical initial latents within each group (sample.same_latent)")
+        prefix = latents[first]
+        for index in range(num_steps):
+            noise_pred = self.predict_noise(prefix, timesteps[index], prompt_embeds[first], negative,
+                                            conditioning[first], guidance_scale, conditioning_scale)
+            prefix = sde_step(noise_pred, prefix, sigmas[index], sigmas[index + 1], deterministic=True).prev_sample
+        return prefix[inverse]
 
     def rescore(
         self,

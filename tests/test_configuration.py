@@ -1,0 +1,58 @@
+"""validate_config: each impossible setting names its field; presets are valid."""
+
+import pytest
+
+from config.dgx import get_config
+from identity_grpo.configuration import num_train_steps, sde_step_indices, validate_config
+
+
+@pytest.mark.parametrize("preset", ["vace", "tiny", "phantom", "phantom_tiny"])
+def test_presets_are_valid(preset):
+    validate_config(get_config(preset), num_processes=8 if preset in ("vace", "phantom") else 1)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sample.num_image_per_prompt", 3, "divisible by sample.num_image_per_prompt"),
+        ("frames", 32, "frames \\(32\\) must be 4k \\+ 1, e.g. 33"),
+        ("eval_height", 100, "divisible by 16"),
+        ("train.timestep_fraction", 0.0, "timestep_fraction"),
+        ("sample.noise_schedule", "ddim", "noise_schedule"),
+        ("sample.noise_level", 0.0, "noise_level"),
+        ("mixed_precision", "fp8", "mixed_precision"),
+        ("model_type", "sora", "model_type"),
+        ("sample.sde_window_size", 99, "sde_window_size"),
+        ("sample.fast_branch", True, "fast_branch needs"),
+        ("train.gradient_accumulation_steps", 3, "multiple of"),
+    ],
+)
+def test_impossible_settings_name_the_field(field, value, message):
+    config = get_config("tiny")
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
+def test_batch_layout_checked_against_process_count():
+    config = get_config("vace")  # 4 per rank, K = 8
+    validate_config(config, num_processes=2)
+    with pytest.raises(ValueError, match="processes \\(1\\)"):
+        validate_config(config, num_processes=1)
+
+
+def test_default_trains_first_fraction_of_steps():
+    config = get_config("vace")  # 25 steps, fraction 0.99 -> 24, as upstream
+    assert num_train_steps(config) == 24
+    assert sde_step_indices(config, 5) == list(range(24))
+
+
+def test_window_mode_draws_contiguous_windows():
+    config = get_config("vace")
+    config.sample.sde_window_size = 4
+    windows = [sde_step_indices(config, step) for step in range(50)]
+    assert all(w == list(range(w[0], w[0] + 4)) and 0 <= w[0] <= 21 for w in windows)
+    assert len({w[0] for w in windows}) > 5  # the window moves
+    assert sde_step_indices(config, 7) == windows[7]  # a pure function of the step (resume)
+    assert num_train_steps(config) == 4
