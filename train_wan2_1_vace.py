@@ -107,7 +107,8 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
                     for name in batches[0].reward_seconds})
     metrics.update(result.metrics)
     metrics.update({"reward/zero_std_groups": result.stats.num_zero_std_groups,
-                    "reward/num_groups": result.stats.num_groups})
+                    "reward/num_groups": result.stats.num_groups,
+                    "reward/mean_group_size": result.stats.mean_group_size})
     return metrics
 
 
@@ -185,6 +186,16 @@ def make_run_dir(config, accelerator, resume: Path | None) -> Path:
     return Path(config.logdir, name[0])
 
 
+def replica_checksums(parameters, accelerator) -> list[float]:
+    """Every rank's sum of its trainable weights; DDP keeps them equal, so unequal sums mean a
+    broken run (e.g. a rank skipped a backward call) and raise."""
+    local = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+    sums = accelerator.gather(local.to(accelerator.device)).tolist()
+    if max(sums) - min(sums) > 1e-9 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"LoRA weights differ between ranks (checksums {sums}); the run is not in sync")
+    return sums
+
+
 @contextmanager
 def ema_weights(ema, parameters):
     """Evaluate with the EMA weights, then put the trained weights back."""
@@ -204,6 +215,8 @@ def train(config) -> dict:
     # ---------------------------------------------------------------- setup
     train_steps = num_train_steps(config)
     accelerator = Accelerator(
+        # On a machine without CUDA, ranks started by torchrun join a gloo process group.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         log_with=[t for t in config.tracker.split(",") if t] or None,
         # Trackers write to <logdir>/<run name> (the run name is the tracker project name).
@@ -298,7 +311,8 @@ def train(config) -> dict:
     with ema_weights(ema, trainable):
         means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
-    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means}
+    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means,
+               "lora_checksums": replica_checksums(trainable, accelerator)}
     if accelerator.is_main_process:
         save_lora(accelerator.unwrap_model(transformer), run_dir)
         if ema is not None:
