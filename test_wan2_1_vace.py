@@ -136,10 +136,9 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 def run_inference(config, config_name: str = "") -> Path:
     """Generate and score the test set as configured; returns the output folder."""
     # ---------------------------------------------------------------- setup
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     init_logging(accelerator)
-    # The batch x ranks vs group-size check is about training; any process count works here.
-    validate_config(config, num_processes=config.sample.num_image_per_prompt)
+    validate_config(config, accelerator.num_processes, training=False)
     logger.info("resolved config:\n%s", config)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     lora_path = config.train.lora_path

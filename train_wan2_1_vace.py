@@ -9,7 +9,6 @@ score them -> group-normalised advantages -> clipped GRPO update of the LoRA wei
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from identity_grpo.configuration import num_train_steps, sde_step_indices, valid
 from identity_grpo.advantages import zero_std_mask
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.grpo import grpo_loss
-from identity_grpo.loop import evaluate, mean_stats, rollout_rows, sde_config, seeded_generator
+from identity_grpo.loop import evaluate, make_unique_dir, mean_stats, rollout_rows, sde_config, seeded_generator
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
 from identity_grpo.pipelines.vace import Rollouts
 from identity_grpo.rewards import build_reward_fn
@@ -167,25 +166,6 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
     return global_step
 
 
-def make_run_dir(config, accelerator, resume: Path | None) -> Path:
-    """The run folder: the resumed run's, or a new ``<logdir>/<run_name>_<timestamp>`` chosen on
-    the main process and shared with all ranks."""
-    from accelerate.utils import broadcast_object_list
-
-    if resume is not None:
-        return resume.parent.parent
-    name = [None]
-    if accelerator.is_main_process:
-        name[0] = f"{config.run_name or 'run'}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
-        suffix = 1
-        while Path(config.logdir, name[0]).exists():
-            name[0] = f"{name[0].rsplit('~', 1)[0]}~{suffix}"
-            suffix += 1
-        Path(config.logdir, name[0]).mkdir(parents=True)
-    broadcast_object_list(name)
-    return Path(config.logdir, name[0])
-
-
 def replica_checksums(parameters, accelerator) -> list[float]:
     """Every rank's sum of its trainable weights; DDP keeps them equal, so unequal sums mean a
     broken run (e.g. a rank skipped a backward call) and raise."""
@@ -225,7 +205,9 @@ def train(config) -> dict:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps * train_steps,
     )
     resume = resolve_checkpoint(config.resume_from) if config.resume_from else None
-    run_dir = make_run_dir(config, accelerator, resume)
+    # A resumed run continues in its own folder; a new one gets a fresh, never-reused folder.
+    run_dir = resume.parent.parent if resume is not None else make_unique_dir(config.logdir, config.run_name or "run",
+                                                                             accelerator)
     run_name = run_dir.name
     init_logging(accelerator)
     validate_config(config, accelerator.num_processes)

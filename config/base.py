@@ -32,6 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.resume_from = ""
     # Trackers for accelerator.log: "tensorboard", "wandb", or "tensorboard,wandb"; "" for none.
     config.tracker = "tensorboard"
+    # Batch inference (test_wan2_1_vace.py): parent folder of its output folders ("" = logdir),
+    # fps of the written videos, and whether to also generate with the LoRA disabled and report
+    # base vs LoRA side by side.
+    config.test_save_dir = ""
+    config.video_fps = 16
+    config.eval_baseline = False
     # Which base model family: "vace" (Wan2.1-VACE, diffusers) or "phantom" (Phantom-Wan).
     config.model_type = "vace"
 

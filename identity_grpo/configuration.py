@@ -31,11 +31,14 @@ def sde_step_indices(config, step: int) -> list[int]:
     return list(range(start, start + size))
 
 
-def validate_config(config, num_processes: int = 1) -> None:
-    """Raise ``ValueError`` naming the field and the fix for the first impossible setting."""
+def validate_config(config, num_processes: int = 1, *, training: bool = True) -> None:
+    """Raise ``ValueError`` listing every impossible setting with its field and the fix.
+
+    ``training=False`` (batch inference) skips the checks that only concern the GRPO batch layout.
+    """
     errors = []
     sample, train = config.sample, config.train
-    if (sample.train_batch_size * num_processes) % sample.num_image_per_prompt:
+    if training and (sample.train_batch_size * num_processes) % sample.num_image_per_prompt:
         errors.append(
             f"sample.train_batch_size ({sample.train_batch_size}) x processes ({num_processes}) must be divisible "
             f"by sample.num_image_per_prompt ({sample.num_image_per_prompt})"
@@ -71,7 +74,9 @@ def validate_config(config, num_processes: int = 1) -> None:
         errors.append("train.clip_range must be > 0")
     if train.beta < 0:
         errors.append("train.beta must be >= 0")
-    if train.gradient_accumulation_steps < 1 or sample.num_batches_per_epoch % train.gradient_accumulation_steps:
+    if training and (
+        train.gradient_accumulation_steps < 1 or sample.num_batches_per_epoch % train.gradient_accumulation_steps
+    ):
         errors.append(
             f"sample.num_batches_per_epoch ({sample.num_batches_per_epoch}) must be a multiple of "
             f"train.gradient_accumulation_steps ({train.gradient_accumulation_steps}) so no gradient is left over"
