@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from identity_grpo.configuration import validate_config
 from identity_grpo.data import ReferenceVideoDataset
-from identity_grpo.loop import evaluate, make_unique_dir
+from identity_grpo.loop import evaluate, make_unique_dir, write_video
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
 from identity_grpo.rewards import build_reward_fn
 from identity_grpo.rewards.facesim import FaceSimScorer, facesim_columns
@@ -41,16 +41,6 @@ logger = get_logger(__name__)
 
 # Columns of scores.csv before the score columns.
 ROW_COLUMNS = ("index", "prompt", "ref_paths", "reference_copies", "video")
-
-
-def write_video(path: Path, frames: torch.Tensor, fps: int) -> None:
-    """Write ``(F, H, W, 3)`` uint8 frames as an H.264 mp4."""
-    import imageio
-
-    # macro_block_size=16 matches the height/width check of validate_config, so nothing is resized.
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=16) as writer:
-        for frame in frames.numpy():
-            writer.append_data(frame)
 
 
 def copy_references(dataset: ReferenceVideoDataset, index: int, out_dir: Path) -> list[str]:

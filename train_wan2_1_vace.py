@@ -30,10 +30,18 @@ from identity_grpo.configuration import num_train_steps, sde_step_indices, valid
 from identity_grpo.advantages import zero_std_mask
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.grpo import grpo_loss
-from identity_grpo.loop import evaluate, make_unique_dir, mean_stats, rollout_rows, sde_config, seeded_generator
+from identity_grpo.loop import (
+    evaluate,
+    log_rollout_videos,
+    make_unique_dir,
+    mean_stats,
+    rollout_rows,
+    sde_config,
+    seeded_generator,
+)
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
 from identity_grpo.pipelines.vace import Rollouts
-from identity_grpo.rewards import build_reward_fn
+from identity_grpo.rewards import RewardInputs, build_reward_fn
 from identity_grpo.rewards.composite import epoch_advantages
 from identity_grpo.sampling import KRepeatSampler
 from identity_grpo.sde import gaussian_kl
@@ -49,6 +57,7 @@ class SampledBatch:
     """One sampling batch of B rollouts on this rank, with its rewards and advantages."""
 
     rollouts: Rollouts
+    inputs: RewardInputs  # the decoded frames, references and prompts that were scored
     rewards: dict[str, torch.Tensor]  # key -> (B,)
     reward_seconds: dict[str, float]  # reward name -> wall time of its call
     advantages: torch.Tensor | None = None  # (B,)
@@ -76,11 +85,11 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
         rollouts, inputs = rollout_rows(pipeline, dataset, drawn.indices, config, generator=generator,
                                         group_ids=drawn.group_ids, latents=latents,
                                         sde_steps=sde_step_indices(config, step))
-        pending.append((rollouts, executor.submit(reward_fn, inputs)))
+        pending.append((rollouts, inputs, executor.submit(reward_fn, inputs)))
     batches = []
-    for rollouts, future in pending:
+    for rollouts, inputs, future in pending:
         scores, seconds = future.result()
-        batches.append(SampledBatch(rollouts, scores, seconds))
+        batches.append(SampledBatch(rollouts, inputs, scores, seconds))
     return batches
 
 
@@ -275,6 +284,9 @@ def train(config) -> dict:
         reward_metrics = assign_advantages(batches, config, accelerator)
         accelerator.log({**reward_metrics, "epoch": epoch}, step=global_step)
         logger.info("epoch %d rewards: %s", epoch, reward_metrics)
+        if accelerator.is_main_process and config.log_videos_freq and epoch % config.log_videos_freq == 0:
+            log_rollout_videos(run_dir / "videos" / f"epoch_{epoch:05d}", batches[0].inputs, batches[0].rewards,
+                               config.log_videos_count, config.video_fps)
         if accelerator.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"epoch": epoch, "step": global_step, **reward_metrics}) + "\n")

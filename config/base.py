@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.test_save_dir = ""
     config.video_fps = 16
     config.eval_baseline = False
+    # Every this many epochs, write the first log_videos_count rollouts of the epoch (mp4 with
+    # their references and rewards) to <run>/videos/epoch_<n>/ (0 disables).
+    config.log_videos_freq = 10
+    config.log_videos_count = 4
     # Which base model family: "vace" (Wan2.1-VACE, diffusers) or "phantom" (Phantom-Wan).
     config.model_type = "vace"
 

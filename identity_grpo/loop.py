@@ -131,6 +131,29 @@ def evaluate(
     return means, rows
 
 
+def write_video(path: str | Path, frames: torch.Tensor, fps: int) -> None:
+    """Write ``(F, H, W, 3)`` uint8 frames as an H.264 mp4."""
+    import imageio
+
+    # macro_block_size=16 matches the height/width check of validate_config, so nothing is resized.
+    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=16) as writer:
+        for frame in frames.numpy():
+            writer.append_data(frame)
+
+
+def log_rollout_videos(out_dir: Path, inputs: RewardInputs, scores: dict[str, torch.Tensor], count: int, fps: int):
+    """The first ``count`` videos of a batch as mp4s next to their references (PNG) and rewards."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(min(count, inputs.frames.shape[0])):
+        write_video(out_dir / f"{i}.mp4", inputs.frames[i], fps)
+        for k, image in enumerate(inputs.reference_images[i]):
+            image.save(out_dir / f"{i}_ref{k}.png")
+        record = {"prompt": inputs.prompts[i], **{key: float(value[i]) for key, value in scores.items()}}
+        (out_dir / f"{i}.json").write_text(json.dumps(record, indent=2))
+
+
 def mean_stats(stats: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:
     """Average per-call stats locally, then across ranks."""
     out = {}
