@@ -213,13 +213,16 @@ def train(config) -> dict:
         # Every trained step of every rollout batch is one backward pass.
         gradient_accumulation_steps=config.train.gradient_accumulation_steps * train_steps,
     )
+    init_logging(accelerator)
+    # Everything that can be checked without loading a model is checked before anything is written.
+    validate_config(config, accelerator.num_processes)
+    train_set = ReferenceVideoDataset(config.dataset, "train")
+    test_set = ReferenceVideoDataset(config.dataset, "test")
     resume = resolve_checkpoint(config.resume_from) if config.resume_from else None
     # A resumed run continues in its own folder; a new one gets a fresh, never-reused folder.
     run_dir = resume.parent.parent if resume is not None else make_unique_dir(config.logdir, config.run_name or "run",
                                                                              accelerator)
     run_name = run_dir.name
-    init_logging(accelerator)
-    validate_config(config, accelerator.num_processes)
     set_seed(config.seed, device_specific=True)
     if accelerator.is_main_process:
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -234,12 +237,11 @@ def train(config) -> dict:
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     pipeline.transformer = transformer
-    optimizer = torch.optim.AdamW(
-        [p for p in transformer.parameters() if p.requires_grad], lr=config.train.learning_rate,
-        betas=(config.train.adam_beta1, config.train.adam_beta2), weight_decay=config.train.adam_weight_decay,
-        eps=config.train.adam_epsilon,
-    )
     trainable = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
+        weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon,
+    )
     ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     first_epoch, global_step = 0, 0
@@ -247,8 +249,6 @@ def train(config) -> dict:
         state = load_checkpoint(resume, peft_model=accelerator.unwrap_model(transformer), optimizer=optimizer, ema=ema)
         first_epoch, global_step = state["epoch"], state["global_step"]
 
-    train_set = ReferenceVideoDataset(config.dataset, "train")
-    test_set = ReferenceVideoDataset(config.dataset, "test")
     sampler = KRepeatSampler(
         train_set.reference_counts, batch_size=config.sample.train_batch_size,
         group_size=config.sample.num_image_per_prompt, num_replicas=accelerator.num_processes,
