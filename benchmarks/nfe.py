@@ -1,0 +1,155 @@
+"""Transformer calls (NFE) and batch elements per epoch, per rank: upstream-equivalent settings,
+the ``vace`` preset, and the window / fast timestep-selection modes.
+
+Analytic counts for the real preset (8 sampling batches of 4 videos per rank, 25 steps) are
+printed first; then the same formulas are checked against forward-hook counts of one real
+epoch (``sample_epoch -> assign_advantages -> train_epoch`` of the train script) on the tiny
+models with the same per-rank step and batch structure (fewer sampling batches by default).
+
+    python benchmarks/nfe.py [--full]     # --full counts all 8 sampling batches
+"""
+
+from __future__ import annotations
+
+import math
+
+import common
+
+
+def sde_steps_of(config, step: int) -> list[int]:
+    """The SDE steps of sampling step ``step``; falls back to the first ``num_train_steps``."""
+    try:
+        from identity_grpo.configuration import sde_step_indices
+    except ImportError:
+        sde_step_indices = None
+    if sde_step_indices is not None:
+        return sde_step_indices(config, step)
+    return list(range(max(1, math.floor(config.sample.num_steps * config.train.timestep_fraction))))
+
+
+def analytic(config, mode: str, groups_per_batch: int = 1) -> dict[str, int]:
+    """Calls and batch elements per epoch on one rank.
+
+    ``mode``: "upstream" (cond and uncond as two calls per step; KL reference two more per
+    trained step), "stock" (diffusers' sampler, one video per call), or "ours" (stacked CFG:
+    one call per step, twice the elements; KL reference one more call per trained step).
+    """
+    sample, train = config.sample, config.train
+    batch, steps, batches = sample.train_batch_size, sample.num_steps, sample.num_batches_per_epoch
+    cfg = 2 if sample.guidance_scale > 1.0 else 1
+    reference = 1 if train.beta > 0 else 0
+    window = sample.get("sde_window_size", 0)
+    fast = sample.get("fast_branch", False)
+    trained = [len(sde_steps_of(config, b)) for b in range(batches)]
+    if mode == "upstream":
+        rollout_calls = batches * steps * cfg
+        rollout_elements = rollout_calls * batch
+        train_calls = sum(trained) * cfg * (1 + reference) * train.num_inner_epochs
+        train_elements = train_calls * batch
+    elif mode == "stock":
+        rollout_calls = rollout_elements = batches * batch * steps * cfg
+        train_calls = train_elements = 0
+    else:
+        rollout_calls = batches * steps
+        if fast and window:
+            rollout_elements = sum(
+                cfg * (start * groups_per_batch + (steps - start) * batch)
+                for start in (sde_steps_of(config, b)[0] for b in range(batches)))
+        else:
+            rollout_elements = rollout_calls * batch * cfg
+        train_calls = sum(trained) * (1 + reference) * train.num_inner_epochs
+        train_elements = train_calls * batch * cfg
+    return {"rollout_calls": rollout_calls, "rollout_elements": rollout_elements, "train_calls": train_calls,
+            "train_elements": train_elements, "total_calls": rollout_calls + train_calls,
+            "total_elements": rollout_elements + train_elements}
+
+
+def variants(window_size: int) -> dict[str, object]:
+    """name -> config (None when the config has no such field yet)."""
+    out = {"upstream-equivalent": common.preset("vace"), "vace preset": common.preset("vace")}
+    window = common.preset("vace")
+    if "sde_window_size" in window.sample:
+        window.sample.sde_window_size = window_size
+        out[f"window {window_size}"] = window
+        fast = common.preset("vace")
+        fast.sample.sde_window_size = window_size
+        fast.sample.fast_branch = True
+        if "same_latent" in fast.sample:
+            fast.sample.same_latent = True
+        out[f"fast (window {window_size})"] = fast
+    else:
+        out[f"window {window_size}"] = None
+        out[f"fast (window {window_size})"] = None
+    return out
+
+
+def main() -> None:
+    parser = common.parser(__doc__.splitlines()[0])
+    parser.add_argument("--window", type=int, default=4, help="sde_window_size of the window / fast rows")
+    args = parser.parse_args()
+    common.setup(args)
+    configs = variants(args.window)
+    keys = ["rollout_calls", "rollout_elements", "train_calls", "train_elements", "total_calls", "total_elements"]
+
+    print("\nANALYTIC, real vace preset per rank: 8 sampling batches x 4 videos, 25 steps, CFG 4.5, beta 0.004")
+    rows = []
+    for name, config in configs.items():
+        if config is None:
+            rows.append([name] + ["n/a (config field absent)"] + [""] * (len(keys) - 1))
+            continue
+        mode = "upstream" if name.startswith("upstream") else "ours"
+        counts = analytic(config, mode)
+        rows.append([name] + [counts[k] for k in keys])
+    stock = analytic(configs["vace preset"], "stock")
+    rows.append(["stock diffusers sampler (rollout only)"] + [stock[k] for k in keys])
+    print(common.table(["settings"] + keys, rows))
+    upstream = rows[0]
+    print("ratios to upstream-equivalent (total calls): " + ", ".join(
+        f"{row[0]} {row[5] / upstream[5]:.3f}" for row in rows[1:-1] if isinstance(row[5], int)))
+
+    print("\nCOUNTED on the tiny models, one real epoch per row (train script's functions), same per-rank "
+          "structure: 4 videos per batch = one group (K = 4), "
+          f"{'8' if args.full else '2'} sampling batches, 25 steps")
+    script = common.train_script()
+    rows = []
+    for name, config in configs.items():
+        if config is None or name.startswith("upstream"):
+            continue
+        common.on_tiny_models(config)
+        config.sample.num_image_per_prompt = 4
+        config.sample.num_batches_per_epoch = 8 if args.full else 2
+        config.train.gradient_accumulation_steps = config.sample.num_batches_per_epoch
+        parts = common.build_training_parts(config)
+        counter = common.CallCounter(parts.base_transformer)
+        parts.transformer.eval()
+        batches = script.sample_epoch(0, config, parts.accelerator, parts.pipeline, parts.dataset, parts.sampler,
+                                      parts.reward_fn, parts.executor)
+        rollout = (counter.calls, counter.elements)
+        counter.reset()
+        script.assign_advantages(batches, config, parts.accelerator)
+        parts.transformer.train()
+        script.train_epoch(0, 0, config, parts.accelerator, parts.pipeline, parts.transformer, parts.optimizer,
+                           parts.ema, batches)
+        trained = (counter.calls, counter.elements)
+        counter.remove()
+        parts.executor.shutdown()
+        expected = analytic(config, "ours", groups_per_batch=1)
+        counted = {"rollout_calls": rollout[0], "rollout_elements": rollout[1], "train_calls": trained[0],
+                   "train_elements": trained[1]}
+        match = all(counted[k] == expected[k] for k in counted)
+        rows.append([name] + [f"{counted[k]} / {expected[k]}" for k in counted] + ["yes" if match else "NO"])
+        print(f"  {name}: done", flush=True)
+    print(common.table(["settings (counted / analytic)", "rollout_calls", "rollout_elements", "train_calls",
+                        "train_elements", "match"], rows))
+
+    # The stock sampler's two calls per step, counted on one video.
+    pipe = common.build_stock_pipeline(common.TINY)
+    counter = common.CallCounter(pipe.transformer)
+    pipe(prompt=common.PROMPTS[0], negative_prompt="", reference_images=common.reference_images(1), height=32,
+         width=32, num_frames=5, num_inference_steps=25, guidance_scale=4.5, output_type="np", max_sequence_length=16)
+    print(f"stock WanVACEPipeline, one video, 25 steps, CFG 4.5: {counter.calls} transformer calls, "
+          f"{counter.elements} elements (analytic 50 / 50)")
+
+
+if __name__ == "__main__":
+    main()
