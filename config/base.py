@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # their references and rewards) to <run>/videos/epoch_<n>/ (0 disables).
     config.log_videos_freq = 10
     config.log_videos_count = 4
+    # diffusers attention backend of the transformer ("flash", "native", "_native_cudnn", ...).
+    # Empty: "flash" when flash-attn is importable on CUDA, else "native" (PyTorch SDPA).
+    config.attention_backend = ""
     # Which base model family: "vace" (Wan2.1-VACE, diffusers) or "phantom" (Phantom-Wan).
     config.model_type = "vace"
 

@@ -39,15 +39,37 @@ def load_vace_pipeline(config, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
+def attention_backend(config) -> str:
+    """diffusers attention backend: ``config.attention_backend`` if set, else ``flash`` when
+    flash-attn is importable on CUDA, else ``native`` (PyTorch SDPA)."""
+    chosen = config.get("attention_backend", "")
+    if chosen:
+        return chosen
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash"
+        except ImportError:
+            pass
+    return "native"
+
+
 def load_rollout_pipeline(config, device: torch.device, dtype: torch.dtype):
-    """The batched rollout pipeline of ``config.model_type`` ("vace" or "phantom"), weights frozen."""
+    """The batched rollout pipeline of ``config.model_type`` ("vace" or "phantom"), weights frozen,
+    with the attention backend of :func:`attention_backend`."""
     if config.model_type == "phantom":
         from identity_grpo.pipelines.phantom import load_phantom_pipeline
 
-        return load_phantom_pipeline(config, device, dtype)
-    from identity_grpo.pipelines.vace import VaceRolloutPipeline
+        pipeline = load_phantom_pipeline(config, device, dtype)
+    else:
+        from identity_grpo.pipelines.vace import VaceRolloutPipeline
 
-    return VaceRolloutPipeline(load_vace_pipeline(config, device, dtype), dtype=dtype)
+        pipeline = VaceRolloutPipeline(load_vace_pipeline(config, device, dtype), dtype=dtype)
+    backend = attention_backend(config)
+    pipeline.transformer.set_attention_backend(backend)
+    logger.info("attention backend: %s", backend)
+    return pipeline
 
 
 def add_lora(transformer, config):

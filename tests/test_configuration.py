@@ -56,3 +56,12 @@ def test_window_mode_draws_contiguous_windows():
     assert len({w[0] for w in windows}) > 5  # the window moves
     assert sde_step_indices(config, 7) == windows[7]  # a pure function of the step (resume)
     assert num_train_steps(config) == 4
+
+
+def test_attention_backend_choice():
+    from identity_grpo.models import attention_backend
+
+    config = get_config("tiny")
+    assert attention_backend(config) == "native"  # no CUDA here
+    config.attention_backend = "_native_math"
+    assert attention_backend(config) == "_native_math"
