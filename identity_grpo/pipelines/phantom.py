@@ -23,8 +23,9 @@ no action, so counting them would only dilute the ratio with constants), and ``c
 holds the clean reference latents ``(B, z, n, h, w)``.
 
 The rollout object is a drop-in for :class:`~identity_grpo.pipelines.vace.VaceRolloutPipeline`:
-same ``__call__`` / ``rescore`` / ``prepare_latents`` / ``encode_prompts`` / ``negative_embeds``
-signatures, same ``Rollouts`` record and SDE step.
+both are :class:`~identity_grpo.pipelines.base.RolloutPipeline` subclasses, so ``__call__`` /
+``rescore`` / ``prepare_latents`` / ``encode_prompts`` / ``negative_embeds`` and the ``Rollouts``
+record and SDE step are the same code. Flow-GRPO-Fast's ``shared_prefix`` is not supported.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from identity_grpo.pipelines.vace import Rollouts, SDEConfig, frames_to_uint8
-from identity_grpo.sde import sde_step
+from identity_grpo.pipelines.base import RolloutPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def fit_on_white_canvas(image: Image.Image, height: int, width: int) -> torch.Te
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-class PhantomRolloutPipeline:
+class PhantomRolloutPipeline(RolloutPipeline):
     """Batched SDE/ODE sampling and re-scoring for a (LoRA-adapted) Phantom-Wan transformer.
 
     Args:
@@ -76,45 +76,29 @@ class PhantomRolloutPipeline:
     conditional branch, e.g. ``train.cfg = False``); it keeps the VACE pipeline's signature.
     """
 
+    supports_shared_prefix = False
+
     def __init__(self, pipe, *, image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
                  text_guidance_scale: float = DEFAULT_TEXT_GUIDANCE_SCALE, dtype: torch.dtype | None = None):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
+        super().__init__(pipe, dtype)
         self.transformer_config = pipe.transformer.config
-        self.vae = pipe.vae
-        self.scheduler = pipe.scheduler
         self.image_guidance_scale = float(image_guidance_scale)
         self.text_guidance_scale = float(text_guidance_scale)
-        self.dtype = dtype or next(pipe.transformer.parameters()).dtype
-        self.device = next(pipe.transformer.parameters()).device
-        self.z_dim = self.vae.config.z_dim
-        self.scale_spatial = pipe.vae_scale_factor_spatial
-        self.scale_temporal = pipe.vae_scale_factor_temporal
-        self._negative_cache: dict[tuple[str, int], torch.Tensor] = {}
-        latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32)
-        latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32)
-        self.latents_mean = latents_mean.view(1, -1, 1, 1, 1).to(self.device)
-        self.latents_std = latents_std.view(1, -1, 1, 1, 1).to(self.device)
 
     # ------------------------------------------------------------------ 1. check inputs
     def check_inputs(self, prompts, reference_images, height, width, num_frames, conditioning_scale=1.0) -> int:
         """Validate a batch; returns its number of references per item."""
-        if len(prompts) != len(reference_images):
-            raise ValueError(f"{len(prompts)} prompts but {len(reference_images)} reference lists")
-        counts = {len(refs) for refs in reference_images}
-        if len(counts) != 1:
-            raise ValueError(
-                f"one batch must have one reference count, got {sorted(counts)}; the KRepeatSampler buckets by count"
-            )
-        (count,) = counts
-        if not 1 <= count <= 4:
-            raise ValueError(f"1-4 reference images per item are supported, got {count}")
-        base = self.scale_spatial * self.transformer_config.patch_size[1]
-        if height % base or width % base:
-            raise ValueError(f"height and width must be divisible by {base}, got {height}x{width}")
-        if num_frames % self.scale_temporal != 1:
-            raise ValueError(f"num_frames must be {self.scale_temporal}k + 1, got {num_frames}")
+        count = super().check_inputs(prompts, reference_images, height, width, num_frames)
         self._check_conditioning_scale(conditioning_scale)
+        return count
+
+    def _check_call(self, prompts, reference_images, height, width, num_frames, conditioning_scale: float,
+                    latents: torch.Tensor | None) -> int:
+        count = self.check_inputs(prompts, reference_images, height, width, num_frames, conditioning_scale)
+        expected_shape = self.latent_shape(len(prompts), height, width, num_frames)
+        if latents is not None and tuple(latents.shape) != expected_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected_shape}: Phantom latents "
+                             "hold the video frames only (make them with PhantomRolloutPipeline.prepare_latents)")
         return count
 
     @staticmethod
@@ -125,22 +109,6 @@ class PhantomRolloutPipeline:
 
     # ------------------------------------------------------------------ 2. encode
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> torch.Tensor:
-        """``(B, max_sequence_length, D)`` UMT5 embeddings, all prompts in one encoder call."""
-        embeds, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
-            device=self.device,
-        )
-        return embeds.to(self.dtype)
-
-    def negative_embeds(self, negative_prompt: str, max_sequence_length: int = 512) -> torch.Tensor:
-        """``(1, L, D)`` embedding of the negative prompt, encoded once per run."""
-        key = (negative_prompt, max_sequence_length)
-        if key not in self._negative_cache:
-            self._negative_cache[key] = self.encode_prompts([negative_prompt], max_sequence_length)
-        return self._negative_cache[key]
-
-    @torch.no_grad()
     def encode_references(
         self, reference_images: Sequence[Sequence[Image.Image]], height: int, width: int
     ) -> torch.Tensor:
@@ -148,22 +116,16 @@ class PhantomRolloutPipeline:
         references go through ONE VAE call, each as its own one-frame video."""
         num_references = len(reference_images[0])
         canvases = [fit_on_white_canvas(image, height, width) for refs in reference_images for image in refs]
-        pixels = torch.stack(canvases)[:, :, None].to(self.device, self.vae.dtype)  # (B * n, 3, 1, H, W)
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        latents = (latents.float() - self.latents_mean) / self.latents_std  # (B * n, z, 1, h, w)
+        pixels = torch.stack(canvases)[:, :, None].to(self.device)  # (B * n, 3, 1, H, W)
+        latents = self._vae_encode(pixels)  # (B * n, z, 1, h, w)
         latents = latents.view(len(reference_images), num_references, self.z_dim, *latents.shape[-2:])
         return latents.permute(0, 2, 1, 3, 4).to(self.dtype)
 
-    # ------------------------------------------------------------------ 3. timesteps
-    def schedule(self, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(timesteps (N,), sigmas (N + 1,))`` from the scheduler, copied so later
-        ``set_timesteps`` calls elsewhere cannot change a rollout's record."""
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        sigmas = self.scheduler.sigmas.to(self.device, torch.float32).clone()
-        timesteps = self.scheduler.timesteps.to(self.device).clone()
-        if sigmas.numel() != timesteps.numel() + 1:
-            raise ValueError(f"scheduler gave {timesteps.numel()} timesteps but {sigmas.numel()} sigmas")
-        return timesteps, sigmas
+    def encode_conditioning(
+        self, reference_images: Sequence[Sequence[Image.Image]], height: int, width: int, num_frames: int
+    ) -> torch.Tensor:
+        """:meth:`encode_references`; the references do not depend on ``num_frames``."""
+        return self.encode_references(reference_images, height, width)
 
     # ------------------------------------------------------------------ 4. latents
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
@@ -171,16 +133,12 @@ class PhantomRolloutPipeline:
         return (batch, self.transformer_config.in_channels, frames,
                 height // self.scale_spatial, width // self.scale_spatial)
 
-    def prepare_latents(self, batch: int, height: int, width: int, num_frames: int, num_references: int,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B, C, F_lat, h, w)`` float32 initial noise of the VIDEO frames only, drawn on the CPU.
-
-        ``num_references`` is accepted so the train loop calls both pipelines alike; Phantom's
-        reference slots are clean latents, never noise, so it does not change the shape.
-        """
-        del num_references
-        shape = self.latent_shape(batch, height, width, num_frames)
-        return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
+    def _latent_shape(self, batch: int, height: int, width: int, num_frames: int,
+                      num_references: int) -> tuple[int, ...]:
+        """``(B, C, F_lat, h, w)``: the VIDEO frames only. ``num_references`` is accepted so the
+        train loop calls both pipelines alike; Phantom's reference slots are clean latents, never
+        noise, so it does not change the shape."""
+        return self.latent_shape(batch, height, width, num_frames)
 
     # ------------------------------------------------------------------ 5. denoise
     def predict_noise(
@@ -233,127 +191,10 @@ class PhantomRolloutPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final video latents ``(B, C, F_lat, h, w)`` -> ``(B, F, H, W, 3)`` uint8 frames. Only video
         frames exist in the state, so no reference frame can reach the decoded video."""
-        latents = latents.float() * self.latents_std + self.latents_mean
-        video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return frames_to_uint8(video)
+        return self._decode_video(latents)
 
-    # ------------------------------------------------------------------ the loop
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompts: Sequence[str],
-        reference_images: Sequence[Sequence[Image.Image]],
-        *,
-        height: int,
-        width: int,
-        num_frames: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        negative_prompt: str = "",
-        max_sequence_length: int = 512,
-        conditioning_scale: float = 1.0,
-        group_ids: Sequence[int] | None = None,
-        sde_steps: Sequence[int] | None = None,
-        sde: SDEConfig | None = None,
-        latents: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        progress: bool = False,
-    ) -> tuple[Rollouts, torch.Tensor]:
-        """Denoise a batch; return the transition record and the decoded ``(B, F, H, W, 3)`` uint8 frames.
-
-        ``sde_steps`` lists the step indices taken with the SDE (their log-probs are recorded);
-        all other steps are Euler ODE steps. ``None`` means every step; ``[]`` gives the
-        deterministic sampler (evaluation). ``latents``, if given, are video-frame latents
-        ``(B, C, F_lat, h, w)`` (see :meth:`prepare_latents`). ``generator`` drives the initial
-        noise (unless ``latents`` is given) and the SDE noise, on the CPU.
-        """
-        from tqdm.auto import tqdm
-
-        # 1. check inputs
-        num_references = self.check_inputs(prompts, reference_images, height, width, num_frames, conditioning_scale)
-        batch = len(prompts)
-        sde = sde or SDEConfig()
-        expected_shape = self.latent_shape(batch, height, width, num_frames)
-        if latents is not None and tuple(latents.shape) != expected_shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected_shape}: Phantom latents "
-                             "hold the video frames only (make them with PhantomRolloutPipeline.prepare_latents)")
-        # 2. encode prompts and references
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompts(prompts, max_sequence_length)
-        negative = self.negative_embeds(negative_prompt, max_sequence_length) if guidance_scale > 1.0 else None
-        conditioning = self.encode_references(reference_images, height, width)
-        # 3. timesteps
-        timesteps, sigmas = self.schedule(num_inference_steps)
-        sde_steps = sorted(set(range(num_inference_steps) if sde_steps is None else sde_steps))
-        sigma_max, sigma_min = float(sigmas[1]), float(sigmas[-1])
-        # 4. latents
-        if latents is None:
-            latents = self.prepare_latents(batch, height, width, num_frames, num_references, generator)
-        latents = latents.float().to(self.device)
-        # 5. denoise
-        record_latents, record_next, record_log_probs = [], [], []
-        for index in tqdm(range(num_inference_steps), disable=not progress, desc="denoise", leave=False):
-            noise_pred = self.predict_noise(latents, timesteps[index], prompt_embeds, negative, conditioning,
-                                            guidance_scale, conditioning_scale)
-            stochastic = index in sde_steps
-            noise = None
-            if stochastic:
-                noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device)
-            out = sde_step(
-                noise_pred, latents, sigmas[index], sigmas[index + 1], schedule=sde.schedule,
-                noise_level=sde.noise_level, sigma_max=sigma_max, sigma_min=sigma_min, noise=noise,
-                deterministic=not stochastic,
-            )
-            if stochastic:
-                if out.log_prob is None:
-                    raise ValueError(f"SDE step {index} has zero noise; raise sample.noise_level or drop the step")
-                record_latents.append(latents)
-                record_next.append(out.prev_sample)
-                record_log_probs.append(out.log_prob)
-            latents = out.prev_sample
-        # 6. decode
-        frames = self.decode(latents)
-
-        def stack(items, dim=1):
-            return torch.stack(items, dim=dim) if items else torch.empty(batch, 0, device=self.device)
-
-        steps = torch.tensor(sde_steps, dtype=torch.long)
-        rollouts = Rollouts(
-            latents=stack(record_latents), next_latents=stack(record_next), log_probs=stack(record_log_probs),
-            timesteps=timesteps[steps.to(timesteps.device)] if len(sde_steps) else timesteps[:0],
-            sigmas=sigmas[steps.to(sigmas.device)] if len(sde_steps) else sigmas[:0],
-            sigmas_next=sigmas[(steps + 1).to(sigmas.device)] if len(sde_steps) else sigmas[:0],
-            step_indices=steps, conditioning=conditioning, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
-            group_ids=torch.as_tensor(list(group_ids) if group_ids is not None else range(batch), dtype=torch.long),
-            num_references=num_references, sigma_max=sigma_max, sigma_min=sigma_min,
-        )
-        return rollouts, frames
-
-    def rescore(
-        self,
-        rollouts: Rollouts,
-        step: int,
-        *,
-        guidance_scale: float,
-        sde: SDEConfig,
-        conditioning_scale: float = 1.0,
-        transformer=None,
-    ):
-        """Re-evaluate recorded step ``step`` (position in ``rollouts``) under ``transformer``:
-        returns the :class:`~identity_grpo.sde.SDEStepOutput` with the stored action as
-        ``prev_sample``, so ``log_prob`` (a mean over video-frame elements) carries gradients."""
-        latents = rollouts.latents[:, step]
-        noise_pred = self.predict_noise(
-            latents, rollouts.timesteps[step], rollouts.prompt_embeds, rollouts.negative_prompt_embeds,
-            rollouts.conditioning, guidance_scale, conditioning_scale, transformer=transformer,
-        )
-        return sde_step(
-            noise_pred, latents, rollouts.sigmas[step], rollouts.sigmas_next[step], schedule=sde.schedule,
-            noise_level=sde.noise_level, sigma_max=rollouts.sigma_max, sigma_min=rollouts.sigma_min,
-            prev_sample=rollouts.next_latents[:, step],
-        )
+    def _decode_rollout(self, latents: torch.Tensor, num_references: int) -> torch.Tensor:
+        return self.decode(latents)
 
 
 # ---------------------------------------------------------------------------------------- loading
