@@ -84,7 +84,8 @@ def evaluate(
     *,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Deterministic (ODE) generation of every test row with fixed initial noise per row.
+    """Generation of every test row with fixed initial noise per row: deterministic (ODE), or the
+    training SDE with fixed noise when ``sample.eval_sde`` is set.
 
     Returns ``(means, rows)``: the mean of every reward key over the test set (identical on all
     ranks) and, on every rank, its own rows ``{"index", "prompt", <reward keys>, "frames"}``.
@@ -102,26 +103,25 @@ def evaluate(
     totals: dict[str, list[torch.Tensor]] = defaultdict(list)
     bar = tqdm(range(0, per_rank, batch_size), desc="eval", disable=not (progress and accelerator.is_local_main_process))
     for start in bar:
-        chunk = padded[start : start + batch_size]
-        chunk_keep = torch.tensor(keep[start : start + batch_size])
-        # Buckets of one reference count; each row's noise depends only on the row.
-        for count in sorted({len(dataset[i].reference_paths) for i in chunk}):
-            sub = [i for i in chunk if len(dataset[i].reference_paths) == count]
-            sub_keep = torch.tensor([k for i, k in zip(chunk, chunk_keep.tolist()) if len(dataset[i].reference_paths) == count])
+        chunk = list(zip(padded[start : start + batch_size], keep[start : start + batch_size]))
+        # One batch per reference count; each row's initial noise depends only on the row.
+        for count in sorted({len(dataset[i].reference_paths) for i, _ in chunk}):
+            indices = [i for i, _ in chunk if len(dataset[i].reference_paths) == count]
+            kept = torch.tensor([k for i, k in chunk if len(dataset[i].reference_paths) == count], dtype=torch.float32)
             latents = torch.cat([
                 pipeline.prepare_latents(1, config.eval_height, config.eval_width, config.eval_frames, count,
                                          seeded_generator(config.seed, "eval", i))
-                for i in sub
+                for i in indices
             ])
-            _, inputs = rollout_rows(pipeline, dataset, sub, config, evaluation=True, latents=latents,
-                                     generator=seeded_generator(config.seed, "eval", *sub))
+            _, inputs = rollout_rows(pipeline, dataset, indices, config, evaluation=True, latents=latents,
+                                     generator=seeded_generator(config.seed, "eval", *indices))
             scores, _ = reward_fn(inputs)
-            for position, index in enumerate(sub):
-                if sub_keep[position]:
+            for position, index in enumerate(indices):
+                if kept[position]:
                     rows.append({"index": index, "prompt": dataset[index].prompt, "frames": inputs.frames[position],
                                  **{k: float(v[position]) for k, v in scores.items()}})
             for key, value in scores.items():
-                totals[key].append(torch.stack([value, sub_keep.float()], dim=1))
+                totals[key].append(torch.stack([value, kept], dim=1))
     means = {}
     for key in sorted(totals):
         local = torch.cat(totals[key]).to(accelerator.device)
