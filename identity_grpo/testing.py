@@ -102,16 +102,19 @@ def build_scheduler():
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
+def _tiny_components(seed: int, build_transformer) -> dict:
+    """Tokenizer, text encoder, VAE, ``build_transformer()`` and scheduler, seeded in that order."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    return dict(tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer)), vae=build_vae(),
+                transformer=build_transformer(), scheduler=build_scheduler())
+
+
 def build_tiny_vace_pipeline(seed: int = 0):
     """An in-memory ``WanVACEPipeline`` of tiny random components (fixed seed)."""
     from diffusers import WanVACEPipeline
 
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    return WanVACEPipeline(
-        tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer)), vae=build_vae(),
-        transformer=build_vace_transformer(), scheduler=build_scheduler(),
-    )
+    return WanVACEPipeline(**_tiny_components(seed, build_vace_transformer))
 
 
 def write_tiny_vace(path: str | Path, seed: int = 0) -> Path:
@@ -183,12 +186,7 @@ def build_tiny_t2v_pipeline(seed: int = 0):
     """An in-memory ``WanPipeline`` of tiny random components (the Wan2.1-T2V base Phantom uses)."""
     from diffusers import WanPipeline
 
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    return WanPipeline(
-        tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer)), vae=build_vae(),
-        transformer=build_t2v_transformer(), scheduler=build_scheduler(),
-    )
+    return WanPipeline(**_tiny_components(seed, build_t2v_transformer))
 
 
 def write_tiny_phantom(path: str | Path, seed: int = 0) -> Path:
