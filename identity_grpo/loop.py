@@ -48,7 +48,10 @@ def rollout_rows(
     SDE steps of a training rollout (window mode draws them per sampling step).
     """
     items = [dataset[i] for i in indices]
-    references = [dataset.load_references(i) for i in indices]
+    # Load each row's images once: repeated rows (a group's members) share the same objects,
+    # which the pipeline uses to encode their references once.
+    loaded = {i: dataset.load_references(i) for i in dict.fromkeys(indices)}
+    references = [loaded[i] for i in indices]
     prompts = [item.prompt for item in items]
     prefix = "eval_" if evaluation else ""
     rollouts, frames = pipeline(

@@ -193,3 +193,19 @@ def test_shared_prefix_equals_full_rollout_with_fewer_calls(rollout):
     assert torch.equal(fast.latents[0, 0], fast.latents[1, 0])
     with pytest.raises(ValueError, match="identical initial latents"):
         rollout(prompts, refs, latents=rollout.prepare_latents(4, H, W, FRAMES, 1), shared_prefix=True, **kwargs)
+
+
+def test_shared_reference_objects_are_encoded_once(rollout):
+    red, blue = faces()[:2]
+    encoded = []
+    hook = rollout.vae.encoder.register_forward_hook(lambda module, args, output: encoded.append(args[0].shape[0]))
+    try:
+        shared = rollout.encode_conditioning([[red, blue]] * 3, H, W, FRAMES)
+        encoded_shared = list(encoded)
+        encoded.clear()
+        copies = [[red.copy(), blue.copy()] for _ in range(3)]
+        separate = rollout.encode_conditioning(copies, H, W, FRAMES)
+    finally:
+        hook.remove()
+    assert torch.allclose(shared, separate, atol=1e-6)
+    assert sum(encoded_shared) < sum(encoded)  # 2 reference images encoded instead of 6

@@ -79,19 +79,27 @@ class VaceRolloutPipeline(RolloutPipeline):
 
         Each reference is fitted (aspect kept) onto a white canvas of the video size by the
         pipeline's own ``preprocess_conditions``, encoded as a one-frame video, paired with zero
-        "reactive" latents and placed before the video frames in input order.
+        "reactive" latents and placed before the video frames in input order. Items that pass the
+        very same image objects (the K members of a group, see ``loop.rollout_rows``) are encoded
+        once and share the result.
         """
         num_references = len(reference_images[0])
+        unique: dict[tuple[int, ...], int] = {}
         canvases = []
         for refs in reference_images:
+            key = tuple(id(image) for image in refs)
+            if key in unique:
+                continue
+            unique[key] = len(unique)
             _, _, processed = self.pipe.preprocess_conditions(
                 None, None, [list(refs)], 1, height, width, 1, torch.float32, self.device
             )
             canvases.extend(processed[0])
-        ref_latents = self._vae_encode(torch.stack(canvases)[:, :, None])  # (B * n, z, 1, h, w)
+        ref_latents = self._vae_encode(torch.stack(canvases)[:, :, None])  # (U * n, z, 1, h, w)
+        ref_latents = ref_latents.view(len(unique), num_references, self.z_dim, *ref_latents.shape[-2:])
+        item = torch.tensor([unique[tuple(id(image) for image in refs)] for refs in reference_images])
+        ref_latents = ref_latents[item.to(ref_latents.device)].permute(0, 2, 1, 3, 4)  # (B, z, n, h, w)
         batch = len(reference_images)
-        ref_latents = ref_latents.view(batch, num_references, self.z_dim, *ref_latents.shape[-2:])
-        ref_latents = ref_latents.permute(0, 2, 1, 3, 4)  # (B, z, n, h, w), input order
         ref_part = torch.cat([ref_latents, torch.zeros_like(ref_latents)], dim=1)
         video_part = self._video_condition(height, width, num_frames).expand(batch, -1, -1, -1, -1)
         mask = self._mask(height, width, num_frames, num_references).expand(batch, -1, -1, -1, -1)
