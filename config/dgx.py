@@ -100,12 +100,17 @@ def phantom():
     # Phantom's DiT: the released original-format .pth (converted on load) or a converted
     # diffusers transformer folder.
     config.pretrained.phantom_dit = "checkpoints/Phantom-Wan-1.3B/Phantom-Wan-1.3B.pth"
+    return _phantom_sampling(config)
+
+
+def _phantom_sampling(config):
+    """Phantom's released sampling defaults, shared by ``phantom`` and ``phantom_tiny``."""
     # s_img: weight of (refs + negative) - (no refs + negative), how strongly the references act.
     config.sample.image_guidance_scale = 5.0
     # s_text: weight of (refs + prompt) - (refs + negative), how strongly the prompt acts.
     config.sample.text_guidance_scale = 7.5
     # For Phantom, > 1 switches the three-branch guidance on and 1.0 off; keep it equal to
-    # text_guidance_scale (a different value > 1 is rejected at load time).
+    # text_guidance_scale (a different value > 1 is rejected by validate_config).
     config.sample.guidance_scale = 7.5
     # Flow-matching shift of the sigma schedule (Phantom: 5.0; Wan2.1-T2V's folder has 3.0).
     config.sample.flow_shift = 5.0
@@ -120,11 +125,7 @@ def phantom_tiny():
     config.model_type = "phantom"
     config.pretrained.model = "outputs/tiny_models/wan_t2v_phantom"
     config.pretrained.phantom_dit = "outputs/tiny_models/wan_t2v_phantom/phantom_dit.pth"
-    config.sample.image_guidance_scale = 5.0
-    config.sample.text_guidance_scale = 7.5
-    config.sample.guidance_scale = 7.5
-    config.sample.flow_shift = 5.0
-    return config
+    return _phantom_sampling(config)
 
 
 def get_config(name):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -122,12 +123,19 @@ def write_tiny_vace(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     if (path / "model_index.json").is_file():
         return path
+    return _write_atomically(path, lambda staging: build_tiny_vace_pipeline(seed).save_pretrained(staging))
+
+
+def _write_atomically(path: Path, write) -> Path:
+    """``write(staging)`` into a temp folder beside ``path``, then rename it into place, so a
+    crash or a concurrent writer never leaves a half-written model that looks complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    build_tiny_vace_pipeline(seed).save_pretrained(staging)
+    write(staging)
     try:
         os.rename(staging, path)
     except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
         if not (path / "model_index.json").is_file():
             raise
     return path
@@ -196,16 +204,12 @@ def write_tiny_phantom(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     if (path / "model_index.json").is_file() and (path / TINY_PHANTOM_DIT).is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    build_tiny_t2v_pipeline(seed).save_pretrained(staging)
-    torch.save(to_original_wan_keys(build_tiny_phantom_dit(seed + 1).state_dict()), staging / TINY_PHANTOM_DIT)
-    try:
-        os.rename(staging, path)
-    except OSError:  # another process won the race; its copy is identical
-        if not (path / "model_index.json").is_file():
-            raise
-    return path
+
+    def write(staging: Path) -> None:
+        build_tiny_t2v_pipeline(seed).save_pretrained(staging)
+        torch.save(to_original_wan_keys(build_tiny_phantom_dit(seed + 1).state_dict()), staging / TINY_PHANTOM_DIT)
+
+    return _write_atomically(path, write)
 
 
 def main() -> None:
