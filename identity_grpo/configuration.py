@@ -31,6 +31,18 @@ def sde_step_indices(config, step: int) -> list[int]:
     return list(range(start, start + size))
 
 
+def phantom_guidance_error(sample) -> str | None:
+    """Phantom's guidance is set by its image and text scales; ``guidance_scale`` only switches it
+    on (equal to the text scale) or off (1.0). Anything else is an error message."""
+    if sample.guidance_scale > 1.0 and sample.guidance_scale != sample.text_guidance_scale:
+        return (
+            f"for Phantom, sample.guidance_scale ({sample.guidance_scale}) only switches guidance on (> 1) or off "
+            f"(1.0); the text scale is sample.text_guidance_scale ({sample.text_guidance_scale}). Set "
+            "sample.guidance_scale to sample.text_guidance_scale, or to 1.0 for no guidance"
+        )
+    return None
+
+
 def validate_config(config, num_processes: int = 1, *, training: bool = True) -> None:
     """Raise ``ValueError`` listing every impossible setting with its field and the fix.
 
@@ -85,11 +97,8 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True) ->
         errors.append(f"mixed_precision ({config.mixed_precision!r}) must be 'no', 'fp16' or 'bf16'")
     if config.model_type not in ("vace", "phantom"):
         errors.append(f"model_type ({config.model_type!r}) must be 'vace' or 'phantom'")
-    elif config.model_type == "phantom" and sample.guidance_scale != sample.text_guidance_scale:
-        errors.append(
-            f"phantom: sample.guidance_scale ({sample.guidance_scale}) must equal sample.text_guidance_scale "
-            f"({sample.text_guidance_scale}); set both"
-        )
+    elif config.model_type == "phantom" and (error := phantom_guidance_error(sample)):
+        errors.append(error)
     weights = dict(config.reward_fn)
     if not weights:
         errors.append("reward_fn is empty: name at least one reward and its weight, e.g. {'identity': 1.0}")

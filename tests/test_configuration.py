@@ -65,3 +65,12 @@ def test_attention_backend_choice():
     assert attention_backend(config) == "native"  # no CUDA here
     config.attention_backend = "_native_math"
     assert attention_backend(config) == "_native_math"
+
+
+def test_phantom_guidance_switch():
+    config = get_config("phantom_tiny")
+    config.sample.guidance_scale = 1.0  # guidance off is allowed
+    validate_config(config)
+    config.sample.guidance_scale = 4.5
+    with pytest.raises(ValueError, match="sample.text_guidance_scale"):
+        validate_config(config)

@@ -222,16 +222,14 @@ def load_phantom_pipeline(config, device: torch.device, dtype: torch.dtype) -> P
     from diffusers import AutoencoderKLWan, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from identity_grpo.configuration import phantom_guidance_error
     from identity_grpo.phantom_convert import load_phantom_transformer
 
     # Settings are checked before anything is written or loaded.
     sample = config.sample
-    if sample.guidance_scale > 1.0 and sample.guidance_scale != sample.text_guidance_scale:
-        raise ValueError(
-            f"for Phantom, sample.guidance_scale ({sample.guidance_scale}) only switches guidance on (> 1) or off "
-            f"(1.0); the text scale is sample.text_guidance_scale ({sample.text_guidance_scale}). Set "
-            "sample.guidance_scale to sample.text_guidance_scale, or to 1.0 for no guidance"
-        )
+    error = phantom_guidance_error(sample)
+    if error:
+        raise ValueError(error)
     dit = config.pretrained.get("phantom_dit", "")
     if not dit:
         raise ValueError("config.pretrained.phantom_dit is empty: set it to Phantom-Wan-1.3B.pth (original format) "
