@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Classifier-free guidance scale (1.0 disables CFG and halves the transformer batch).
     sample.guidance_scale = 4.5
     # Phantom only: image and text guidance scales of its three-branch guidance
-    # (neg + s_img (pos_i - neg) + s_text (pos_it - pos_i)); guidance_scale must equal s_text.
+    # (neg + s_img (pos_i - neg) + s_text (pos_it - pos_i)); guidance_scale only switches it: = s_text on, 1.0 off.
     sample.image_guidance_scale = 5.0
     sample.text_guidance_scale = 7.5
     # Phantom only: flow shift of the sigma schedule (0 keeps the scheduler folder's value).
