@@ -120,11 +120,27 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
     return metrics
 
 
+def step_loss(config, accelerator, pipeline, transformer, rollouts, advantages, step: int):
+    """``(loss, stats)`` of recorded step ``step``: the rollouts re-scored under the policy (with
+    gradients) and, when ``train.beta > 0``, under the frozen base (adapter disabled) for the KL."""
+    guidance = config.sample.guidance_scale if config.train.cfg else 1.0
+    sde = sde_config(config)
+    out = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
+                           conditioning_scale=config.sample.conditioning_scale, transformer=transformer)
+    kl = None
+    if config.train.beta > 0:
+        with torch.no_grad(), accelerator.unwrap_model(transformer).disable_adapter():
+            reference = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
+                                         conditioning_scale=config.sample.conditioning_scale,
+                                         transformer=accelerator.unwrap_model(transformer))
+        kl = gaussian_kl(out.prev_sample_mean, reference.prev_sample_mean, out.std)
+    return grpo_loss(out.log_prob, rollouts.log_probs[:, step], advantages,
+                     clip_range=config.train.clip_range, kl=kl, beta=config.train.beta)
+
+
 def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, ema, batches) -> int:
     """One pass (per inner epoch) over the sampled batches: every recorded SDE step of every
     rollout is re-scored under the current LoRA and contributes one backward pass."""
-    guidance = config.sample.guidance_scale if config.train.cfg else 1.0
-    sde = sde_config(config)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     generator = seeded_generator(config.seed, "shuffle", epoch, accelerator.process_index)
     stats = []
@@ -142,20 +158,7 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                     loss_scale = 0.0
             for step in range(rollouts.num_steps):
                 with accelerator.accumulate(transformer), accelerator.autocast():
-                    out = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
-                                           conditioning_scale=config.sample.conditioning_scale,
-                                           transformer=transformer)
-                    kl = None
-                    if config.train.beta > 0:
-                        with torch.no_grad(), accelerator.unwrap_model(transformer).disable_adapter():
-                            reference = pipeline.rescore(rollouts, step, guidance_scale=guidance, sde=sde,
-                                                         conditioning_scale=config.sample.conditioning_scale,
-                                                         transformer=accelerator.unwrap_model(transformer))
-                        kl = gaussian_kl(out.prev_sample_mean, reference.prev_sample_mean, out.std)
-                    loss, step_stats = grpo_loss(
-                        out.log_prob, rollouts.log_probs[:, step], advantages,
-                        clip_range=config.train.clip_range, kl=kl, beta=config.train.beta,
-                    )
+                    loss, step_stats = step_loss(config, accelerator, pipeline, transformer, rollouts, advantages, step)
                     accelerator.backward(loss * loss_scale)
                     if accelerator.sync_gradients:
                         step_stats["grad_norm"] = torch.as_tensor(

@@ -109,10 +109,14 @@ def configurations(full: bool):
     size = common.LARGE if full else common.MEDIUM
     for prefix in ("", "eval_"):
         medium[prefix + "height"], medium[prefix + "width"], medium[prefix + "frames"] = size.height, size.width, size.frames
-    medium.sample.train_batch_size = 8
+    # The real presets' structure: several sampling batches of 4 videos an epoch, so each batch's
+    # rewards overlap the next batch's rollout (the tiny preset samples one batch of 32).
+    medium.sample.train_batch_size = 4
     medium.sample.num_image_per_prompt = 4
-    return [("tiny preset", tiny, common.TINY), (f"{size.name} ({size.height}x{size.width}x{size.frames}, "
-                                                 f"{size.num_layers} layers, dim {size.dim}, batch 8)", medium, size)]
+    medium.sample.num_batches_per_epoch = 4
+    return [("tiny preset (1 sampling batch of 32)", tiny, common.TINY),
+            (f"{size.name} ({size.height}x{size.width}x{size.frames}, {size.num_layers} layers, dim {size.dim}; "
+             f"4 sampling batches of 4)", medium, size)]
 
 
 CATEGORIES = ["transformer forward", "backward", "VAE encode", "VAE decode", "text encoder",

@@ -70,22 +70,12 @@ def measure(size_name: str, checkpointing: bool, batch: int) -> dict:
                                       parts.reward_fn, parts.executor)
     script.assign_advantages(batches, config, parts.accelerator)
     parts.transformer.train()
-    # One recorded step: train_epoch's body for a single step (policy, reference, loss, backward).
-    batches[0].rollouts = batches[0].rollouts.select(torch.arange(batch))
-    from identity_grpo.grpo import grpo_loss
-    from identity_grpo.loop import sde_config
-    from identity_grpo.sde import gaussian_kl
-
+    # One recorded step as train_epoch runs it: policy, KL reference, loss, backward.
     rollouts = batches[0].rollouts
-    with PeakSampler() as training:
-        out = parts.pipeline.rescore(rollouts, 0, guidance_scale=config.sample.guidance_scale, sde=sde_config(config),
-                                     transformer=parts.transformer)
-        with torch.no_grad(), parts.accelerator.unwrap_model(parts.transformer).disable_adapter():
-            reference = parts.pipeline.rescore(rollouts, 0, guidance_scale=config.sample.guidance_scale,
-                                               sde=sde_config(config), transformer=parts.transformer)
-        loss, _ = grpo_loss(out.log_prob, rollouts.log_probs[:, 0], batches[0].advantages, clip_range=0.2,
-                            kl=gaussian_kl(out.prev_sample_mean, reference.prev_sample_mean, out.std), beta=0.004)
-        loss.backward()
+    with PeakSampler() as training, parts.accelerator.autocast():
+        loss, _ = script.step_loss(config, parts.accelerator, parts.pipeline, parts.transformer, rollouts,
+                                   batches[0].advantages, 0)
+        parts.accelerator.backward(loss)
     parts.executor.shutdown()
     return {"loaded": loaded, "rollout": rollout.result, "train": training.result,
             "process_peak": common.peak_rss_mb()}

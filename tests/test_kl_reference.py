@@ -37,12 +37,18 @@ def test_fresh_lora_has_zero_kl_and_unit_ratio(setup):
     assert gaussian_kl(policy.prev_sample_mean, reference.prev_sample_mean, policy.std).abs().max() == 0
 
 
+def perturb_lora(transformer):
+    """The same non-zero LoRA update on every call (a trained adapter)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05, generator=generator)
+
+
 def test_disabled_adapter_is_the_base_model_after_training(setup):
     rollout, base, rollouts = setup
-    with torch.no_grad():
-        for name, parameter in rollout.transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    perturb_lora(rollout.transformer)
     policy = rescore(rollout, rollouts, 0)
     with rollout.transformer.disable_adapter():
         reference = rescore(rollout, rollouts, 0)
@@ -53,3 +59,38 @@ def test_disabled_adapter_is_the_base_model_after_training(setup):
     assert bool((kl > 0).all()) and torch.allclose(kl, by_hand)
     # The adapter is back on after the context: the policy differs from the base again.
     assert not torch.allclose(rescore(rollout, rollouts, 0).prev_sample_mean, untouched.prev_sample_mean, atol=1e-4)
+
+
+def test_train_step_loss_penalises_kl_to_the_untouched_base(setup):
+    """``train_wan2_1_vace.step_loss`` == the GRPO loss with the KL to a never-adapted copy of
+    the model, computed here by hand; beta scales exactly that KL."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import train_wan2_1_vace as script
+    from identity_grpo.grpo import grpo_loss
+    from identity_grpo.loop import sde_config
+
+    rollout, base, rollouts = setup
+    perturb_lora(rollout.transformer)
+    config = tiny()
+    config.sample.guidance_scale, config.train.beta = 4.5, 0.5
+    advantages = torch.tensor([1.0, -1.0])
+    accelerator = Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)  # leave no process-wide accelerate state to later tests
+    loss, _ = script.step_loss(config, accelerator, rollout, rollout.transformer, rollouts, advantages, 0)
+
+    sde = sde_config(config)
+    policy = rollout.rescore(rollouts, 0, guidance_scale=4.5, sde=sde, transformer=rollout.transformer)
+    untouched = base.rescore(rollouts, 0, guidance_scale=4.5, sde=sde)
+    kl = gaussian_kl(policy.prev_sample_mean, untouched.prev_sample_mean, policy.std)
+    expected, _ = grpo_loss(policy.log_prob, rollouts.log_probs[:, 0], advantages,
+                            clip_range=config.train.clip_range, kl=kl, beta=0.5)
+    assert float(kl.detach().mean()) > 1e-4
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-7)
+    config.train.beta = 0.0
+    without_kl, _ = script.step_loss(config, accelerator, rollout, rollout.transformer, rollouts, advantages, 0)
+    assert torch.allclose(loss - without_kl, 0.5 * kl.mean(), rtol=1e-4, atol=1e-7)
+    loss.backward()  # gradients reach the adapter only
+    grads = {name: p.grad for name, p in rollout.transformer.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in name for name in grads)

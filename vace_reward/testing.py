@@ -60,11 +60,12 @@ def build_tokenizer(reward_tokens: tuple[str, ...] = (REWARD_TOKEN,)):
     )
 
 
-def build_processor(reward_tokens: tuple[str, ...] = (REWARD_TOKEN,)):
+def build_processor(reward_tokens: tuple[str, ...] = (REWARD_TOKEN,), min_pixels: int = TINY_PIXELS,
+                    max_pixels: int = TINY_PIXELS):
     """``Qwen2_5_VLProcessor`` with the tiny tokenizer and the real image and video processors."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    pixel_limits = {"min_pixels": TINY_PIXELS, "max_pixels": TINY_PIXELS}
+    pixel_limits = {"min_pixels": min_pixels, "max_pixels": max_pixels}
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixel_limits),
         video_processor=Qwen2VLVideoProcessor(**pixel_limits),
@@ -78,8 +79,10 @@ def build_processor(reward_tokens: tuple[str, ...] = (REWARD_TOKEN,)):
         return Qwen2_5_VLProcessor.from_pretrained(folder, local_files_only=True)
 
 
-def build_backbone(tokenizer, seed: int = 0):
-    """A 2-layer, hidden-32 ``Qwen2_5_VLForConditionalGeneration`` with a 1-block vision tower."""
+def build_backbone(tokenizer, seed: int = 0, text_sizes: dict | None = None, vision_sizes: dict | None = None):
+    """A random ``Qwen2_5_VLForConditionalGeneration``: 2 layers of hidden 32 with a 1-block vision
+    tower, unless ``text_sizes`` / ``vision_sizes`` override fields of the text / vision config
+    (``benchmarks/gpu_full_size.py`` builds a Qwen2.5-VL-3B shape this way)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     token_id = tokenizer.convert_tokens_to_ids
@@ -91,12 +94,12 @@ def build_backbone(tokenizer, seed: int = 0):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
             pad_token_id=token_id("<|endoftext|>"),
-        ),
+        ) | (text_sizes or {}),
         vision_config=dict(
             depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=32,
             fullatt_block_indexes=[0], tokens_per_second=2,
-        ),
+        ) | (vision_sizes or {}),
         image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=True,
