@@ -67,9 +67,19 @@ def load_rollout_pipeline(config, device: torch.device, dtype: torch.dtype):
 
         pipeline = VaceRolloutPipeline(load_vace_pipeline(config, device, dtype), dtype=dtype)
     backend = attention_backend(config)
-    pipeline.transformer.set_attention_backend(backend)
+    set_attention_backend(pipeline.transformer, backend)
     logger.info("attention backend: %s", backend)
     return pipeline
+
+
+def set_attention_backend(transformer, backend: str) -> None:
+    """diffusers' ``set_attention_backend``, its error naming the config field to change."""
+    try:
+        transformer.set_attention_backend(backend)
+    except (ValueError, RuntimeError) as error:  # unknown name / package missing / unsupported device
+        raise ValueError(f"config.attention_backend = {backend!r} cannot be used here: {error} "
+                         "Leave it empty for the automatic choice (flash when flash-attn is installed "
+                         "on CUDA, native otherwise).") from error
 
 
 def add_lora(transformer, config):

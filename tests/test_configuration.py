@@ -74,3 +74,12 @@ def test_phantom_guidance_switch():
     config.sample.guidance_scale = 4.5
     with pytest.raises(ValueError, match="sample.text_guidance_scale"):
         validate_config(config)
+
+
+@pytest.mark.parametrize("backend", ["flsh", "flash"])  # a typo; flash-attn is not installed here
+def test_unusable_attention_backend_names_the_config_field(backend):
+    from identity_grpo.models import set_attention_backend
+    from identity_grpo.testing import build_vace_transformer
+
+    with pytest.raises(ValueError, match=rf"config.attention_backend = '{backend}' cannot be used"):
+        set_attention_backend(build_vace_transformer(), backend)
