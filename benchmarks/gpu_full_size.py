@@ -118,8 +118,12 @@ def count_flops(transformer, kwargs) -> int:
     return counter.get_total_flops()
 
 
-def timed(fn, repeats: int = 1) -> float:
-    """Median seconds of ``repeats`` calls (device synchronised)."""
+def measure(fn, repeats: int = 1) -> tuple[float, float]:
+    """Median seconds of ``repeats`` calls (device synchronised) and the peak CUDA memory (GiB,
+    every allocation, weights included) while they ran; NaN memory without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     seconds = []
     for _ in range(repeats):
         common.synchronize()
@@ -127,19 +131,8 @@ def timed(fn, repeats: int = 1) -> float:
         fn()
         common.synchronize()
         seconds.append(time.perf_counter() - start)
-    return common.median(seconds)
-
-
-def peak_gib(fn) -> float:
-    """Peak CUDA memory (GiB, all allocations) while ``fn`` runs; NaN without CUDA."""
-    if not torch.cuda.is_available():
-        fn()
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return common.median(seconds), peak
 
 
 def main() -> None:
@@ -229,15 +222,13 @@ def main() -> None:
             print(f"backend {backend}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:160]})")
             continue
         with torch.no_grad():
-            call_seconds = timed(lambda: transformer(**call_kwargs), repeats=5)
+            call_seconds, _ = measure(lambda: transformer(**call_kwargs), repeats=5)
         rollout()  # warm-up with this backend
-        rollout_peak = peak_gib(rollout)
-        rollout_seconds = timed(rollout)
+        rollout_seconds, rollout_peak = measure(rollout)
         train_step()
-        train_peak = peak_gib(train_step)
-        step_seconds = timed(lambda: train_step(shapes.steps // 2), repeats=3)
+        step_seconds, train_peak = measure(lambda: train_step(shapes.steps // 2), repeats=3)
         reward()
-        reward_seconds = timed(reward, repeats=3)
+        reward_seconds, _ = measure(reward, repeats=3)
         peak = args.peak_tflops * 1e12
         rows.append([backend, f"{rollout_seconds / shapes.batch:.2f}", f"{call_seconds:.3f}",
                      f"{call_flops / call_seconds / peak:.1%}", f"{step_seconds:.2f}",
