@@ -52,6 +52,11 @@ def machine() -> str:
 
 
 # ---------------------------------------------------------------------------------- timing
+def device() -> torch.device:
+    """Where the benchmarks run their models: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -159,7 +164,8 @@ def build_vace_transformer(size: Size, seed: int = 0):
 
 
 def build_stock_pipeline(size: Size, seed: int = 0):
-    """diffusers' ``WanVACEPipeline`` with the tiny tokenizer / text encoder / VAE and a transformer of ``size``."""
+    """diffusers' ``WanVACEPipeline`` with the tiny tokenizer / text encoder / VAE and a transformer of
+    ``size``, on :func:`device`."""
     from identity_grpo.testing import build_tiny_vace_pipeline
 
     pipe = build_tiny_vace_pipeline(seed)
@@ -168,7 +174,7 @@ def build_stock_pipeline(size: Size, seed: int = 0):
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False)
-    return pipe
+    return pipe.to(device())
 
 
 def reference_images(count: int):

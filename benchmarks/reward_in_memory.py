@@ -47,11 +47,11 @@ def main() -> None:
 
     config = common.on_tiny_models(common.preset("tiny"))
     config.reward_fn = {"ref_tone": 1.0, "identity": 1.0}
-    build_reward_fn(config, torch.device("cpu"))  # registers the rewards, writes the tiny reward model if missing
-    ref_tone = REGISTRY["ref_tone"](config, torch.device("cpu"))
+    build_reward_fn(config, common.device())  # registers the rewards, writes the tiny reward model if missing
+    ref_tone = REGISTRY["ref_tone"](config, common.device())
     from vace_reward.inference import IdentityRewardScorer
 
-    scorer = IdentityRewardScorer.from_pretrained(config.pretrained.reward_model)
+    scorer = IdentityRewardScorer.from_pretrained(config.pretrained.reward_model, device=common.device())
 
     from identity_grpo.pipelines.vace import VaceRolloutPipeline
 
