@@ -10,11 +10,9 @@ score them -> group-normalised advantages -> clipped GRPO update of the LoRA wei
 from __future__ import annotations
 
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from absl import app, flags
@@ -25,9 +23,15 @@ from diffusers.training_utils import EMAModel
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from identity_grpo.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, save_lora
-from identity_grpo.configuration import num_train_steps, sde_step_indices, validate_config
 from identity_grpo.advantages import zero_std_mask
+from identity_grpo.checkpoint import (
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_lora,
+    set_aside_later_checkpoints,
+)
+from identity_grpo.configuration import num_train_steps, sde_step_indices, validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.grpo import grpo_loss
 from identity_grpo.loop import (
@@ -107,9 +111,9 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
     mine = advantages.view(accelerator.num_processes, -1)[accelerator.process_index]
     constant = zero_std_mask(rewards["total"], group_ids).view(accelerator.num_processes, -1)[accelerator.process_index]
     sizes = [b.rollouts.batch_size for b in batches]
-    for batch, chunk, flags in zip(batches, mine.split(sizes), constant.split(sizes)):
+    for batch, chunk, is_constant in zip(batches, mine.split(sizes), constant.split(sizes)):
         batch.advantages = chunk.to(accelerator.device)
-        batch.constant_group = flags
+        batch.constant_group = is_constant
     metrics = {f"reward/{key}": float(value.mean()) for key, value in rewards.items()}
     metrics.update({f"reward/{name}/seconds": sum(b.reward_seconds[name] for b in batches)
                     for name in batches[0].reward_seconds})
@@ -172,7 +176,8 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                     metrics = {f"train/{k}": v for k, v in mean_stats(stats, accelerator).items()}
                     metrics["epoch"] = epoch
                     accelerator.log(metrics, step=global_step)
-                    bar.set_postfix(loss=f"{metrics['train/policy_loss']:.4f}", clipfrac=f"{metrics['train/clipfrac']:.2f}")
+                    bar.set_postfix(loss=f"{metrics['train/policy_loss']:.4f}",
+                                    clipfrac=f"{metrics['train/clipfrac']:.2f}")
                     global_step += 1
                     stats = []
     return global_step
@@ -226,6 +231,8 @@ def train(config) -> dict:
     run_dir = resume.parent.parent if resume is not None else make_unique_dir(config.logdir, config.run_name or "run",
                                                                              accelerator)
     run_name = run_dir.name
+    if resume is not None and accelerator.is_main_process:
+        set_aside_later_checkpoints(resume)  # else "resume from the run folder" would pick them
     set_seed(config.seed, device_specific=True)
     if accelerator.is_main_process:
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -245,8 +252,9 @@ def train(config) -> dict:
         trainable, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
         weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon,
     )
-    ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    # After prepare: DDP has broadcast rank 0's LoRA initialisation, so every rank's EMA starts equal.
+    ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     first_epoch, global_step = 0, 0
     if resume is not None:
         state = load_checkpoint(resume, peft_model=accelerator.unwrap_model(transformer), optimizer=optimizer, ema=ema)
@@ -305,16 +313,19 @@ def train(config) -> dict:
             accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- finish
-    with ema_weights(ema, trainable):
-        means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
-    accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
-    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means,
-               "lora_checksums": replica_checksums(trainable, accelerator)}
+    # The weights are written before the final evaluation (eval size and steps: the longest
+    # sampling of the run), so a failure there loses no training.
+    checksums = replica_checksums(trainable, accelerator)
     if accelerator.is_main_process:
         save_lora(accelerator.unwrap_model(transformer), run_dir)
         if ema is not None:
             with ema_weights(ema, trainable):
                 save_lora(accelerator.unwrap_model(transformer), run_dir / "ema")
+    with ema_weights(ema, trainable):
+        means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+    accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
+    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means, "lora_checksums": checksums}
+    if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for key in means:
             before = f"{first_eval[key]:.4f}" if first_eval else "n/a"

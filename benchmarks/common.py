@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.chdir(REPO)  # configs name the dataset and tiny model folders relative to the repository
 
-import torch  # noqa: E402
+import torch
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -149,7 +149,8 @@ def build_vace_transformer(size: Size, seed: int = 0):
     """A random ``WanVACETransformer3DModel`` of ``size`` (tiny: the repository's own)."""
     from diffusers import WanVACETransformer3DModel
 
-    from identity_grpo.testing import TINY_TEXT_DIM, TINY_Z_DIM, build_vace_transformer as tiny
+    from identity_grpo.testing import TINY_TEXT_DIM, TINY_Z_DIM
+    from identity_grpo.testing import build_vace_transformer as tiny
 
     torch.manual_seed(seed)
     if size.name == "tiny":
@@ -273,8 +274,8 @@ def build_training_parts(config, size: Size = TINY) -> TrainingParts:
     optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate,
                                   betas=(config.train.adam_beta1, config.train.adam_beta2),
                                   weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon)
-    ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     dataset = ReferenceVideoDataset(config.dataset, "train")
     sampler = KRepeatSampler(dataset.reference_counts, batch_size=config.sample.train_batch_size,
                              group_size=config.sample.num_image_per_prompt, num_replicas=accelerator.num_processes,

@@ -13,12 +13,11 @@ For each diffusers attention backend that loads (``native`` = torch SDPA choosin
 - seconds per reward video (the reward model scoring 4 videos in one batch);
 - peak CUDA memory of the rollout and of the trained step (everything allocated, weights included).
 
-FLOPs of one transformer call are COUNTED, not estimated: ``torch.utils.flop_counter`` over one
-call with the exact inputs of a rollout step, attention routed through ``_native_math`` so its
-matmuls are visible to the counter. A trained step is credited 3 calls for the policy (forward +
-backward) and 1 for the reference; the recomputation of gradient checkpointing is not credited
-(model FLOPs, not hardware FLOPs). MFU = FLOPs / seconds / peak; the peak defaults to 989
-TFLOP/s, the dense bf16 figure NVIDIA gives for the H100 and H200 SXM (``--peak-tflops``).
+FLOPs are COUNTED, not estimated, by ``torch.utils.flop_counter``: one transformer call with the
+exact inputs of a rollout step, and one trained step (forward, backward, reference) on one video
+with gradient checkpointing off, times the batch: model FLOPs, so checkpointing's recomputation
+is not credited. MFU = FLOPs / seconds / peak; the peak defaults to 989 TFLOP/s, the dense bf16
+figure NVIDIA gives for the H100 and H200 SXM (``--peak-tflops``).
 
 UMT5-XXL is not built: random prompt embeddings of its output shape stand in (the prompts are
 encoded once per sampling batch, a small part of an epoch).
@@ -39,7 +38,7 @@ import torch
 WAN_VACE_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, rope_max_seq_len=1024, vace_layers=[0, 5, 10, 15, 20, 25], vace_in_channels=96,
+    eps=1e-6, rope_max_seq_len=1024, vace_layers=list(range(0, 30, 2)), vace_in_channels=96,
 )
 # Qwen2.5-VL-3B-Instruct's text and vision sizes (its config.json); the tokenizer stays the tiny one.
 QWEN2_5_VL_3B_TEXT = dict(
@@ -92,6 +91,17 @@ def build_reward_scorer(shapes: Shapes, device, dtype):
     return IdentityRewardScorer(model.to(device).eval(), processor, batch_size=shapes.batch)
 
 
+def cast_as_loaded(model, dtype):
+    """``model`` in ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` leaves it: parameters and
+    buffers of the modules diffusers keeps in fp32 (norms, time embedder, RoPE) stay fp32."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return model
+
+
 class FirstCall:
     """Keeps the keyword arguments of a module's first call after :meth:`arm` (a forward pre-hook)."""
 
@@ -108,13 +118,15 @@ class FirstCall:
             self.kwargs, self.armed = dict(kwargs), False
 
 
-def count_flops(transformer, kwargs) -> int:
-    """FLOPs of one call with ``kwargs``, attention through SDPA's math path so the counter sees it."""
+def count_flops(transformer, fn) -> int:
+    """FLOPs of ``fn()``, forward and any backward it runs, counted by ``torch.utils.flop_counter``.
+    Attention runs through SDPA's fused kernels on CUDA (the counter knows them, forward and
+    backward) and through its math path elsewhere (the counter does not know the fused CPU kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    transformer.set_attention_backend("_native_math")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        transformer(**kwargs)
+    transformer.set_attention_backend("native" if torch.cuda.is_available() else "_native_math")
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
 
 
@@ -137,7 +149,8 @@ def measure(fn, repeats: int = 1) -> tuple[float, float]:
 
 def main() -> None:
     parser = common.parser(__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on any device: checks the script, not the speed")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes on any device: checks the script, not the speed")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (TFLOP/s)")
     parser.add_argument("--backends", default="native,_native_flash,_native_cudnn,_native_efficient,flash,_native_math")
     args = parser.parse_args()
@@ -163,7 +176,8 @@ def main() -> None:
     config.train.gradient_checkpointing = True
 
     with torch.device(device):
-        transformer = WanVACETransformer3DModel(**shapes.transformer).to(dtype).eval().requires_grad_(False)
+        transformer = cast_as_loaded(WanVACETransformer3DModel(**shapes.transformer), dtype)
+        transformer.eval().requires_grad_(False)
         vae = AutoencoderKLWan().eval().requires_grad_(False)  # the default config is Wan2.1's VAE (fp32, as loaded)
     tokenizer = build_tokenizer()
     pipe = WanVACEPipeline(tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer)).to(device), vae=vae,
@@ -194,20 +208,31 @@ def main() -> None:
     first_call.arm()
     rollouts, frames = rollout()  # also the warm-up of the default backend
     call_kwargs = first_call.kwargs
-    call_flops = count_flops(transformer, call_kwargs)
+    with torch.no_grad():
+        call_flops = count_flops(transformer, lambda: transformer(**call_kwargs))
     elements, _, *latent_size = call_kwargs["hidden_states"].shape
     tokens = latent_size[0] * latent_size[1] * latent_size[2] // 4  # patch 1x2x2
     print(f"one transformer call: {elements} elements (stacked CFG) x {tokens} tokens, {call_flops / 1e12:.2f} TFLOP "
           f"(counted); peak assumed {args.peak_tflops:.0f} TFLOP/s")
     advantages = torch.linspace(-1, 1, shapes.batch, device=device)
 
-    def train_step(step: int = 0):
+    def train_step(step: int = 0, videos=rollouts, video_advantages=advantages):
         peft_model.train()
         with accelerator.autocast():
-            loss, _ = script.step_loss(config, accelerator, pipeline, peft_model, rollouts, advantages, step)
+            loss, _ = script.step_loss(config, accelerator, pipeline, peft_model, videos, video_advantages, step)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    # Model FLOPs of a trained step: counted on one video without gradient checkpointing (whose
+    # recomputation is hardware work, not model work), times the batch. The backward of frozen
+    # base layers computes input gradients only, so this is well under 3x forward + 1x reference.
+    peft_model.disable_gradient_checkpointing()
+    step_flops = count_flops(transformer, lambda: train_step(0, rollouts.select(torch.tensor([0])),
+                                                             advantages[:1])) * shapes.batch
+    peft_model.enable_gradient_checkpointing()
+    print(f"one trained step (policy forward + backward + KL reference, {shapes.batch} videos): "
+          f"{step_flops / 1e12:.2f} TFLOP = {step_flops / call_flops:.2f} transformer calls")
 
     def reward():
         return scorer.score_frames(frames, refs, prompts)
@@ -232,7 +257,7 @@ def main() -> None:
         peak = args.peak_tflops * 1e12
         rows.append([backend, f"{rollout_seconds / shapes.batch:.2f}", f"{call_seconds:.3f}",
                      f"{call_flops / call_seconds / peak:.1%}", f"{step_seconds:.2f}",
-                     f"{4 * call_flops / step_seconds / peak:.1%}", f"{reward_seconds / shapes.batch:.3f}",
+                     f"{step_flops / step_seconds / peak:.1%}", f"{reward_seconds / shapes.batch:.3f}",
                      f"{rollout_peak:.1f}", f"{train_peak:.1f}"])
         print(f"  {backend}: done", flush=True)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{device} (smoke run: toy sizes)"

@@ -85,6 +85,28 @@ def save_checkpoint(run_dir: Path, *, epoch: int, global_step: int, peft_model, 
     return final
 
 
+def set_aside_later_checkpoints(checkpoint: Path) -> list[Path]:
+    """Move the checkpoints newer than ``checkpoint`` (a run resumed from an earlier one) into
+    ``checkpoints/superseded-<name>/``: kept on disk, but no longer the run folder's latest nor
+    counted by ``num_checkpoint_limit``. Returns their new paths (main process only)."""
+    root = checkpoint.parent
+    later = [p for p in complete_checkpoints(root) if p.name > checkpoint.name]
+    if not later:
+        return []
+    aside = root / f"superseded-{checkpoint.name}"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in later:
+        target = aside / path.name
+        if target.exists():  # set aside by an earlier resume from the same checkpoint
+            target = aside / f"{path.name}~{len(list(aside.iterdir()))}"
+        os.rename(path, target)
+        moved.append(target)
+    logger.warning("resuming from %s: moved the %d later checkpoint(s) of the abandoned continuation to %s",
+                   checkpoint.name, len(moved), aside)
+    return moved
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoint folders under ``root``, oldest first (temporary folders excluded)."""
     if not root.is_dir():
@@ -128,5 +150,8 @@ def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None) -> dict:
         if not (path / "ema.pt").is_file():
             raise CheckpointError(f"{path} has no ema.pt but train.ema is on; set --config.train.ema=False")
         ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=False))
+        # EMAModel.load_state_dict keeps the loaded (CPU) tensors; its next step mixes them with
+        # the model's parameters, so they go where those live.
+        ema.to(device=next(p.device for p in peft_model.parameters() if p.requires_grad))
     logger.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
     return state

@@ -158,10 +158,11 @@ def log_rollout_videos(out_dir: Path, inputs: RewardInputs, scores: dict[str, to
 
 
 def mean_stats(stats: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:
-    """Average per-call stats locally, then across ranks."""
+    """Average per-call stats locally, then across ranks. A key present in only some calls
+    (``grad_norm``: the optimizer-step call of an accumulation window) is averaged over those."""
     out = {}
-    for key in stats[0]:
-        local = torch.stack([s[key].float() for s in stats]).mean().to(accelerator.device)
+    for key in dict.fromkeys(key for s in stats for key in s):
+        local = torch.stack([s[key].float() for s in stats if key in s]).mean().to(accelerator.device)
         out[key] = float(accelerator.reduce(local, "mean"))
     return out
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-import transformers
 import diffusers
+import transformers
 
 
 def init_logging(accelerator) -> None:

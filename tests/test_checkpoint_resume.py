@@ -101,3 +101,20 @@ def test_diffusers_lora_format_loads_into_wan_vace_pipeline(runs, tiny_vace_dir)
         via_peft = PeftModel.from_pretrained(fresh, straight / "lora")(**kwargs)[0]
     assert not torch.allclose(base, via_peft, atol=1e-4)
     assert torch.allclose(via_diffusers, via_peft, atol=1e-5)
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Later checkpoints belong to an abandoned continuation: kept on disk, but neither the run
+    folder's latest nor counted against the checkpoint limit."""
+    from identity_grpo.checkpoint import complete_checkpoints, set_aside_later_checkpoints
+
+    root = tmp_path / "run" / "checkpoints"
+    for epoch in (2, 4, 6):
+        (root / f"checkpoint-{epoch:06d}").mkdir(parents=True)
+        (root / f"checkpoint-{epoch:06d}" / "state.json").write_text(json.dumps({"epoch": epoch}))
+    moved = set_aside_later_checkpoints(root / "checkpoint-000002")
+    assert [p.name for p in complete_checkpoints(root)] == ["checkpoint-000002"]
+    assert sorted(p.name for p in moved) == ["checkpoint-000004", "checkpoint-000006"]
+    assert json.loads((root / "superseded-checkpoint-000002" / "checkpoint-000006" / "state.json").read_text()) == {
+        "epoch": 6}
+    assert set_aside_later_checkpoints(root / "checkpoint-000002") == []  # nothing newer left

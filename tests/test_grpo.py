@@ -90,3 +90,16 @@ def test_stats_are_detached():
     log_prob = torch.tensor([0.3], requires_grad=True)
     _, stats = grpo_loss(log_prob, torch.zeros(1), torch.tensor([1.0]), clip_range=0.2)
     assert not any(value.requires_grad for value in stats.values())
+
+
+def test_mean_stats_averages_each_key_over_the_calls_that_have_it():
+    """grad_norm exists only on the optimizer-step call of an accumulation window; it is
+    logged (its own mean), and the per-call keys average over every call."""
+    from types import SimpleNamespace
+
+    from identity_grpo.loop import mean_stats
+
+    single_process = SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, reduction: tensor)
+    stats = [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0)},
+             {"loss": torch.tensor(6.0), "grad_norm": torch.tensor(0.5)}]
+    assert mean_stats(stats, single_process) == {"loss": 3.0, "grad_norm": 0.5}

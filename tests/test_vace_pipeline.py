@@ -1,6 +1,5 @@
 """The batched VACE rollout against diffusers' own WanVACEPipeline, and exact re-scoring."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -101,6 +100,30 @@ def test_rescoring_gives_ratio_one(rollout, schedule, num_refs):
         assert (ratio - 1).abs().max() < 1e-5
 
 
+def test_bf16_rescoring_under_training_autocast_gives_ratio_one():
+    """bf16 weights with an fp32 LoRA (the mixed-precision training setup): sampled with no
+    autocast around the call, re-scored inside the training step's autocast, the log-probs
+    agree exactly (the pipeline autocasts its own transformer calls)."""
+    from config.dgx import tiny
+    from identity_grpo.models import add_lora
+
+    pipe = build_tiny_vace_pipeline(seed=0).to(torch.bfloat16)
+    bf16 = VaceRolloutPipeline(pipe, dtype=torch.bfloat16)
+    bf16.transformer = add_lora(pipe.transformer, tiny())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a trained adapter, so the fp32 LoRA path matters
+        for name, parameter in bf16.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05, generator=generator)
+    rollouts, _ = bf16(["a man walks", "a woman smiles"], [faces()[:1]] * 2, height=H, width=W, num_frames=FRAMES,
+                       num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=SEQ,
+                       sde_steps=[0, 1], generator=torch.Generator().manual_seed(0))
+    for step in range(rollouts.num_steps):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = bf16.rescore(rollouts, step, guidance_scale=GUIDANCE, sde=SDEConfig())
+        assert torch.equal(out.log_prob, rollouts.log_probs[:, step])
+
+
 def test_sde_steps_select_which_steps_are_stochastic(rollout):
     refs = [faces()[:1]]
     latents = rollout.prepare_latents(1, H, W, FRAMES, 1, torch.Generator().manual_seed(1))
@@ -150,8 +173,8 @@ def test_frames_to_uint8_rounds_and_clamps():
 
 
 def test_saved_tiny_model_loads_through_from_pretrained(tiny_vace_dir):
-    from identity_grpo.models import load_vace_pipeline
     from config.dgx import tiny
+    from identity_grpo.models import load_vace_pipeline
 
     config = tiny()
     config.pretrained.model = str(tiny_vace_dir)

@@ -79,13 +79,15 @@ class Rollouts:
         return self.latents.shape[1]
 
     def select(self, index: torch.Tensor) -> Rollouts:
-        """The rollouts at batch positions ``index`` (shared tensors are kept)."""
+        """The rollouts at batch positions ``index`` (shared tensors are kept). ``index`` may live on
+        any device: each tensor is indexed on its own (``group_ids`` stays on the CPU)."""
+        index = torch.as_tensor(index)
         return Rollouts(
             latents=self.latents[index], next_latents=self.next_latents[index], log_probs=self.log_probs[index],
             timesteps=self.timesteps, sigmas=self.sigmas, sigmas_next=self.sigmas_next,
             step_indices=self.step_indices, conditioning=self.conditioning[index],
             prompt_embeds=self.prompt_embeds[index], negative_prompt_embeds=self.negative_prompt_embeds,
-            group_ids=self.group_ids[index], num_references=self.num_references,
+            group_ids=self.group_ids[index.to(self.group_ids.device)], num_references=self.num_references,
             sigma_max=self.sigma_max, sigma_min=self.sigma_min,
         )
 
@@ -226,6 +228,18 @@ class RolloutPipeline:
         ``transformer`` (default: the pipeline's)."""
         raise NotImplementedError
 
+    def guided_velocity(self, *args, **kwargs) -> torch.Tensor:
+        """:meth:`predict_noise` under autocast to :attr:`dtype` (when that is a half type).
+
+        Sampling, re-scoring and evaluation all call the transformer through here, so they take
+        the same numeric path whatever autocast state their caller is in. Without it an fp32 LoRA
+        on bf16 weights computes in fp32 while sampling and in bf16 under the training step's
+        autocast: on-policy log-ratios of up to 3e-3 on the tiny model, above the 1e-3 clip range.
+        """
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+            return self.predict_noise(*args, **kwargs).float()
+
     # ------------------------------------------------------------------ 6. decode
     @torch.no_grad()
     def _decode_video(self, latents: torch.Tensor) -> torch.Tensor:
@@ -305,7 +319,7 @@ class RolloutPipeline:
         # 5. denoise
         record_latents, record_next, record_log_probs = [], [], []
         for index in tqdm(range(first_step, num_inference_steps), disable=not progress, desc="denoise", leave=False):
-            noise_pred = self.predict_noise(latents, timesteps[index], prompt_embeds, negative, conditioning,
+            noise_pred = self.guided_velocity(latents, timesteps[index], prompt_embeds, negative, conditioning,
                                             guidance_scale, conditioning_scale)
             stochastic = index in sde_steps
             noise = None
@@ -356,7 +370,7 @@ class RolloutPipeline:
             raise ValueError("shared_prefix needs identical initial latents within each group (sample.same_latent)")
         prefix = latents[first]
         for index in range(num_steps):
-            noise_pred = self.predict_noise(prefix, timesteps[index], prompt_embeds[first], negative,
+            noise_pred = self.guided_velocity(prefix, timesteps[index], prompt_embeds[first], negative,
                                             conditioning[first], guidance_scale, conditioning_scale)
             prefix = sde_step(noise_pred, prefix, sigmas[index], sigmas[index + 1], deterministic=True).prev_sample
         return prefix[inverse]
@@ -375,7 +389,7 @@ class RolloutPipeline:
         returns the :class:`~identity_grpo.sde.SDEStepOutput` with the stored action as
         ``prev_sample``, so ``log_prob`` carries gradients through the transformer."""
         latents = rollouts.latents[:, step]
-        noise_pred = self.predict_noise(
+        noise_pred = self.guided_velocity(
             latents, rollouts.timesteps[step], rollouts.prompt_embeds, rollouts.negative_prompt_embeds,
             rollouts.conditioning, guidance_scale, conditioning_scale, transformer=transformer,
         )

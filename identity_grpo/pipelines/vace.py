@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 # Rollouts, SDEConfig and frames_to_uint8 are imported from here by the train and test code.
-from identity_grpo.pipelines.base import Rollouts, RolloutPipeline, SDEConfig, frames_to_uint8
+from identity_grpo.pipelines.base import RolloutPipeline, Rollouts, SDEConfig, frames_to_uint8
 
 __all__ = ["Rollouts", "SDEConfig", "VaceRolloutPipeline", "frames_to_uint8"]
 

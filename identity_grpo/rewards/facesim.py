@@ -267,7 +267,7 @@ class OnnxArcFaceEmbedder:
     ``input_size`` pixels, RGB, ``(x - 127.5) / 127.5``, NCHW, as insightface's ArcFaceONNX feeds
     the buffalo models."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, input_size: int = 112):
+    def __init__(self, path: str | Path, providers: list[str | tuple[str, dict]] | None = None, input_size: int = 112):
         try:
             import onnxruntime
         except ImportError as error:
@@ -288,7 +288,7 @@ class OnnxArcFaceEmbedder:
 class InsightFaceDetector:
     """insightface's SCRFD detector (e.g. ``buffalo_l/det_10g.onnx``) via onnxruntime."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, det_size: int = 640,
+    def __init__(self, path: str | Path, providers: list[str | tuple[str, dict]] | None = None, det_size: int = 640,
                  det_thresh: float = 0.5):
         try:
             from insightface.model_zoo import get_model
@@ -340,8 +340,10 @@ class FaceSimScorer:
                 raise FileNotFoundError(f"config.facesim.{field} = {path!r} does not exist; point it at a local "
                                         f"{example} (insightface's buffalo_l pack)")
             paths[field] = path
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.device(device).type == "cuda" \
-            else ["CPUExecutionProvider"]
+        device = torch.device(device)
+        # Each rank's session on its own GPU (onnxruntime would otherwise put every rank on GPU 0).
+        gpu = ("CUDAExecutionProvider", {"device_id": device.index if device.index is not None else 0})
+        providers = [gpu, "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         detector = InsightFaceDetector(paths["detector_path"], providers, int(config_field(options, "det_size", 640)),
                                        float(config_field(options, "det_thresh", 0.5)))
         return cls(detector, OnnxArcFaceEmbedder(paths["embedder_path"], providers), num_frames)
