@@ -29,7 +29,6 @@ encoded once per sampling batch, a small part of an epoch).
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 
 import common
@@ -74,21 +73,13 @@ SMOKE = Shapes(WAN_VACE_1_3B | dict(num_attention_heads=2, attention_head_dim=16
 def build_reward_scorer(shapes: Shapes, device, dtype):
     """A Qwen2.5-VL reward model of ``shapes``' sizes (random) behind the real scorer."""
     from vace_reward.inference import IdentityRewardScorer
-    from vace_reward.model import IdentityRewardModel, RewardModelConfig
-    from vace_reward.testing import TINY_PIXELS, build_backbone, build_processor
+    from vace_reward.testing import build_tiny_reward_model
 
-    pixels = shapes.reward_pixels or dict(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
-    processor = build_processor(**pixels)
-    tokenizer = processor.tokenizer
     with torch.device(device):
-        backbone = build_backbone(tokenizer, text_sizes=shapes.reward_text, vision_sizes=shapes.reward_vision)
-    config = RewardModelConfig(dimensions=["SA"], num_frames=5, min_frame_pixels=pixels["min_pixels"],
-                               max_frame_pixels=pixels["max_pixels"], min_image_pixels=pixels["min_pixels"],
-                               max_image_pixels=pixels["max_pixels"])
-    # As IdentityRewardModel.from_pretrained loads: the backbone in ``dtype``, the head in fp32.
-    model = IdentityRewardModel(backbone.to(dtype), config,
-                                reward_token_ids=tokenizer.convert_tokens_to_ids(config.reward_tokens))
-    return IdentityRewardScorer(model.to(device).eval(), processor, batch_size=shapes.batch)
+        model, processor = build_tiny_reward_model(num_frames=5, text_sizes=shapes.reward_text,
+                                                   vision_sizes=shapes.reward_vision, **shapes.reward_pixels)
+    model.backbone.to(dtype)  # as IdentityRewardModel.from_pretrained loads: the backbone in dtype, the head in fp32
+    return IdentityRewardScorer(model.eval(), processor, batch_size=shapes.batch)
 
 
 def cast_as_loaded(model, dtype):
@@ -136,13 +127,7 @@ def measure(fn, repeats: int = 1) -> tuple[float, float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    seconds = []
-    for _ in range(repeats):
-        common.synchronize()
-        start = time.perf_counter()
-        fn()
-        common.synchronize()
-        seconds.append(time.perf_counter() - start)
+    seconds = common.interleaved({"fn": fn}, repeats, warmup=0)["fn"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return common.median(seconds), peak
 
@@ -166,7 +151,7 @@ def main() -> None:
     from identity_grpo.testing import build_scheduler, build_text_encoder, build_tokenizer
 
     shapes = SMOKE if args.smoke else FULL
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = common.device()
     dtype = torch.bfloat16
     torch.backends.cuda.matmul.allow_tf32 = True
     script = common.train_script()

@@ -118,6 +118,16 @@ def build_tiny_vace_pipeline(seed: int = 0):
     return WanVACEPipeline(**_tiny_components(seed, build_vace_transformer))
 
 
+def randomize_lora_b(peft_model, std: float, seed: int) -> None:
+    """Fill every ``lora_B`` with N(0, std) draws from one generator seeded ``seed``: a stand-in
+    for a trained adapter (peft starts ``lora_B`` at zero, where the adapter changes nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=std, generator=generator)
+
+
 def write_tiny_vace(path: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline to ``path`` (atomically: a temp folder renamed into place)."""
     path = Path(path)

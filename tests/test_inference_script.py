@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny, plus the inference-only fields (eval_baseline, facesim) that config/base.py may not have.
@@ -39,7 +38,7 @@ def setup(tmp_path_factory, dataset_dir):
     from diffusers import WanVACETransformer3DModel
     from peft import LoraConfig, get_peft_model
 
-    from identity_grpo.testing import write_tiny_vace
+    from identity_grpo.testing import randomize_lora_b, write_tiny_vace
 
     root = tmp_path_factory.mktemp("inference")
     models = write_tiny_vace(root / "wan_vace")
@@ -50,11 +49,7 @@ def setup(tmp_path_factory, dataset_dir):
         transformer = WanVACETransformer3DModel.from_pretrained(models, subfolder="transformer")
         model = get_peft_model(transformer, LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian",
                                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+        randomize_lora_b(model, std=std, seed=0)
         model.save_pretrained(root / name)
         loras[name] = root / name
     return {"root": root, "models": models, "config": config_file, "loras": loras, "dataset": dataset_dir}

@@ -8,7 +8,7 @@ from config.dgx import tiny
 from identity_grpo.models import add_lora
 from identity_grpo.pipelines.vace import SDEConfig, VaceRolloutPipeline
 from identity_grpo.sde import gaussian_kl
-from identity_grpo.testing import build_tiny_vace_pipeline
+from identity_grpo.testing import build_tiny_vace_pipeline, randomize_lora_b
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,9 @@ def test_fresh_lora_has_zero_kl_and_unit_ratio(setup):
     assert gaussian_kl(policy.prev_sample_mean, reference.prev_sample_mean, policy.std).abs().max() == 0
 
 
-def perturb_lora(transformer):
-    """The same non-zero LoRA update on every call (a trained adapter)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.05, generator=generator)
-
-
 def test_disabled_adapter_is_the_base_model_after_training(setup):
     rollout, base, rollouts = setup
-    perturb_lora(rollout.transformer)
+    randomize_lora_b(rollout.transformer, std=0.05, seed=1)
     policy = rescore(rollout, rollouts, 0)
     with rollout.transformer.disable_adapter():
         reference = rescore(rollout, rollouts, 0)
@@ -72,7 +63,7 @@ def test_train_step_loss_penalises_kl_to_the_untouched_base(setup):
     from identity_grpo.loop import sde_config
 
     rollout, base, rollouts = setup
-    perturb_lora(rollout.transformer)
+    randomize_lora_b(rollout.transformer, std=0.05, seed=1)
     config = tiny()
     config.sample.guidance_scale, config.train.beta = 4.5, 0.5
     advantages = torch.tensor([1.0, -1.0])

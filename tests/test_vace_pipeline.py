@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from identity_grpo.pipelines.vace import SDEConfig, VaceRolloutPipeline, frames_to_uint8
-from identity_grpo.testing import build_tiny_vace_pipeline
+from identity_grpo.testing import build_tiny_vace_pipeline, randomize_lora_b
 
 H = W = 32
 FRAMES = 5
@@ -110,11 +110,7 @@ def test_bf16_rescoring_under_training_autocast_gives_ratio_one():
     pipe = build_tiny_vace_pipeline(seed=0).to(torch.bfloat16)
     bf16 = VaceRolloutPipeline(pipe, dtype=torch.bfloat16)
     bf16.transformer = add_lora(pipe.transformer, tiny())
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a trained adapter, so the fp32 LoRA path matters
-        for name, parameter in bf16.transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.05, generator=generator)
+    randomize_lora_b(bf16.transformer, std=0.05, seed=1)  # a trained adapter, so the fp32 LoRA path matters
     rollouts, _ = bf16(["a man walks", "a woman smiles"], [faces()[:1]] * 2, height=H, width=W, num_frames=FRAMES,
                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=SEQ,
                        sde_steps=[0, 1], generator=torch.Generator().manual_seed(0))

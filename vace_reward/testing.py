@@ -108,16 +108,19 @@ def build_backbone(tokenizer, seed: int = 0, text_sizes: dict | None = None, vis
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def build_tiny_reward_model(seed: int = 0, output_dim: int = 1):
-    """``(model, processor)``: a tiny random :class:`~vace_reward.model.IdentityRewardModel`."""
+def build_tiny_reward_model(seed: int = 0, output_dim: int = 1, *, num_frames: int = 4,
+                            min_pixels: int = TINY_PIXELS, max_pixels: int = TINY_PIXELS,
+                            text_sizes: dict | None = None, vision_sizes: dict | None = None):
+    """``(model, processor)``: a random :class:`~vace_reward.model.IdentityRewardModel`, tiny unless
+    the pixel limits and :func:`build_backbone`'s size overrides say otherwise."""
     from vace_reward.model import IdentityRewardModel, RewardModelConfig
 
-    processor = build_processor()
-    backbone = build_backbone(processor.tokenizer, seed=seed)
+    processor = build_processor(min_pixels=min_pixels, max_pixels=max_pixels)
+    backbone = build_backbone(processor.tokenizer, seed=seed, text_sizes=text_sizes, vision_sizes=vision_sizes)
     config = RewardModelConfig(
         dimensions=["SA"] if output_dim == 1 else [f"dim{index}" for index in range(output_dim)],
-        num_frames=4, min_frame_pixels=TINY_PIXELS, max_frame_pixels=TINY_PIXELS,
-        min_image_pixels=TINY_PIXELS, max_image_pixels=TINY_PIXELS,
+        num_frames=num_frames, min_frame_pixels=min_pixels, max_frame_pixels=max_pixels,
+        min_image_pixels=min_pixels, max_image_pixels=max_pixels,
     )
     torch.manual_seed(seed + 1)
     model = IdentityRewardModel(backbone, config, reward_token_ids=processor.tokenizer.convert_tokens_to_ids(config.reward_tokens))
