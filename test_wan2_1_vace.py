@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import shutil
 from pathlib import Path
@@ -33,7 +32,7 @@ from identity_grpo.loop import evaluate, make_unique_dir, write_video
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
 from identity_grpo.rewards import build_reward_fn
 from identity_grpo.rewards.facesim import FaceSimScorer, facesim_columns
-from identity_grpo.tracking import init_logging
+from identity_grpo.tracking import init_logging, write_json
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "config/dgx.py:vace", "Configuration (a preset of config/dgx.py).")
@@ -128,7 +127,7 @@ def run_inference(config, config_name: str = "") -> Path:
     # ---------------------------------------------------------------- setup
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     init_logging(accelerator)
-    validate_config(config, accelerator.num_processes, training=False)
+    validate_config(config, accelerator.num_processes, training=False, check_files=True)
     logger.info("resolved config:\n%s", config)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     lora_path = config.train.lora_path
@@ -161,6 +160,37 @@ def run_inference(config, config_name: str = "") -> Path:
         eval_baseline, out_dir,
     )
 
+    try:
+        write_results(config, config_name, accelerator, pipeline, test_set, reward_fn, scorer, out_dir, eval_baseline)
+    except BaseException:
+        if accelerator.is_main_process:
+            clean_up_failed_run(out_dir)
+        raise
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out_dir
+
+
+def clean_up_failed_run(out_dir: Path) -> None:
+    """After a failure: remove the output folder if it holds no video yet (only the config and
+    reference copies), else keep the videos and mark the folder incomplete, saying what is there."""
+    videos = sorted(out_dir.rglob("*.mp4"))
+    if not videos:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        logger.error("the run failed before any video was written; removed its output folder %s", out_dir)
+        return
+    note = (f"This run failed before it finished: {len(videos)} video(s) were written, but scores.csv and "
+            "summary.json are missing or incomplete. See the log for the error; rerun into a new folder.\n")
+    with contextlib.suppress(OSError):  # the failure may be a full disk
+        (out_dir / "INCOMPLETE.txt").write_text(note)
+    logger.error("the run failed; %s keeps the %d video(s) written so far and is marked INCOMPLETE.txt",
+                 out_dir, len(videos))
+
+
+def write_results(config, config_name, accelerator, pipeline, test_set, reward_fn, scorer, out_dir: Path,
+                  eval_baseline: bool) -> None:
+    """Generate every variant, write videos, ``scores.csv`` and ``summary.json`` to ``out_dir``."""
+    lora_path = config.train.lora_path
     # ---------------------------------------------------------------- generate
     mine = range(accelerator.process_index, len(test_set), accelerator.num_processes)
     references = {index: copy_references(test_set, index, out_dir) for index in mine}
@@ -187,13 +217,10 @@ def run_inference(config, config_name: str = "") -> Path:
             summary["difference"] = {key: summary["means"][key] - summary["base_means"][key]
                                      for key in summary["means"] if key in summary["base_means"]}
             write_side_by_side(out_dir / "scores.csv", results["base"], results["lora"])
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out_dir / "summary.json", summary)
         for key, value in summary["means"].items():
             base = f" (base {summary['base_means'][key]:.4f})" if eval_baseline and key in summary["base_means"] else ""
             logger.info("test %s: %.4f%s", key, value, base)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out_dir
 
 
 def write_side_by_side(path: Path, base_rows: list[dict], lora_rows: list[dict]) -> None:

@@ -9,7 +9,6 @@ score them -> group-normalised advantages -> clipped GRPO update of the LoRA wei
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,16 +22,18 @@ from diffusers.training_utils import EMAModel
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from identity_grpo.advantages import zero_std_mask
+from identity_grpo.advantages import update_mask, zero_std_mask
 from identity_grpo.checkpoint import (
     load_checkpoint,
+    reporting_write_errors,
     resolve_checkpoint,
     save_checkpoint,
     save_lora,
     set_aside_later_checkpoints,
 )
-from identity_grpo.configuration import num_train_steps, sde_step_indices, validate_config
+from identity_grpo.configuration import num_train_steps, validate_config
 from identity_grpo.data import ReferenceVideoDataset
+from identity_grpo.ema import ema_repeats, ema_update
 from identity_grpo.grpo import grpo_loss
 from identity_grpo.loop import (
     evaluate,
@@ -49,7 +50,7 @@ from identity_grpo.rewards import RewardInputs, build_reward_fn
 from identity_grpo.rewards.composite import epoch_advantages
 from identity_grpo.sampling import KRepeatSampler
 from identity_grpo.sde import gaussian_kl
-from identity_grpo.tracking import flat_config, init_logging
+from identity_grpo.tracking import append_jsonl, flat_config, init_logging, write_json
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "config/dgx.py:vace", "Training configuration (a preset of config/dgx.py).")
@@ -87,8 +88,7 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
                 for group_id in drawn.group_ids
             ])
         rollouts, inputs = rollout_rows(pipeline, dataset, drawn.indices, config, generator=generator,
-                                        group_ids=drawn.group_ids, latents=latents,
-                                        sde_steps=sde_step_indices(config, step))
+                                        group_ids=drawn.group_ids, latents=latents, step=step)
         pending.append((rollouts, inputs, executor.submit(reward_fn, inputs)))
     batches = []
     for rollouts, inputs, future in pending:
@@ -118,6 +118,8 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
     metrics.update({f"reward/{name}/seconds": sum(b.reward_seconds[name] for b in batches)
                     for name in batches[0].reward_seconds})
     metrics.update(result.metrics)
+    # 1.0: no sample has anything to learn this epoch (train() warns and records it in the summary).
+    metrics["reward/zero_advantage_fraction"] = float((advantages == 0).float().mean())
     metrics.update({"reward/zero_std_groups": result.stats.num_zero_std_groups,
                     "reward/num_groups": result.stats.num_groups,
                     "reward/mean_group_size": result.stats.mean_group_size})
@@ -154,8 +156,9 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
         for batch_index in bar:
             batch = batches[batch_index]
             rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
-            if config.train.filter_zero_std_groups:
-                keep = (~batch.constant_group).nonzero().flatten()
+            keep = update_mask(batch.advantages, batch.constant_group, config.train.filter_zero_advantage)
+            if not bool(keep.all()):
+                keep = keep.nonzero().flatten()
                 if len(keep):
                     rollouts, advantages = rollouts.select(keep.to(rollouts.latents.device)), advantages[keep]
                 else:  # nothing to learn here, but every rank must make the same backward calls
@@ -171,8 +174,9 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                     optimizer.zero_grad()
                 stats.append(step_stats)
                 if accelerator.sync_gradients:
-                    if ema is not None:  # once per optimizer step, not per backward pass
-                        ema.step(trainable)
+                    if ema is not None:
+                        ema_update(ema, trainable, global_step + 1, interval=config.train.ema_update_interval,
+                                   repeats=ema_repeats(config.train))
                     metrics = {f"train/{k}": v for k, v in mean_stats(stats, accelerator).items()}
                     metrics["epoch"] = epoch
                     accelerator.log(metrics, step=global_step)
@@ -222,8 +226,9 @@ def train(config) -> dict:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps * train_steps,
     )
     init_logging(accelerator)
-    # Everything that can be checked without loading a model is checked before anything is written.
-    validate_config(config, accelerator.num_processes)
+    # Everything that can be checked without loading a model (settings, model folders, the data,
+    # the checkpoint to resume from) is checked before anything is written.
+    validate_config(config, accelerator.num_processes, check_files=True)
     train_set = ReferenceVideoDataset(config.dataset, "train")
     test_set = ReferenceVideoDataset(config.dataset, "test")
     resume = resolve_checkpoint(config.resume_from) if config.resume_from else None
@@ -231,8 +236,6 @@ def train(config) -> dict:
     run_dir = resume.parent.parent if resume is not None else make_unique_dir(config.logdir, config.run_name or "run",
                                                                              accelerator)
     run_name = run_dir.name
-    if resume is not None and accelerator.is_main_process:
-        set_aside_later_checkpoints(resume)  # else "resume from the run folder" would pick them
     set_seed(config.seed, device_specific=True)
     if accelerator.is_main_process:
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -259,6 +262,9 @@ def train(config) -> dict:
     if resume is not None:
         state = load_checkpoint(resume, peft_model=accelerator.unwrap_model(transformer), optimizer=optimizer, ema=ema)
         first_epoch, global_step = state["epoch"], state["global_step"]
+        # Only once the checkpoint has loaded into this model: a failed resume moves nothing.
+        if accelerator.is_main_process:
+            set_aside_later_checkpoints(resume)  # else "resume from the run folder" would pick them
 
     sampler = KRepeatSampler(
         train_set.reference_counts, batch_size=config.sample.train_batch_size,
@@ -282,6 +288,7 @@ def train(config) -> dict:
 
     # ---------------------------------------------------------------- epochs
     first_eval = None
+    zero_advantage_epochs = []
     for epoch in range(first_epoch, config.num_epochs):
         if config.eval_freq and epoch % config.eval_freq == 0:
             with ema_weights(ema, trainable):
@@ -295,12 +302,17 @@ def train(config) -> dict:
         reward_metrics = assign_advantages(batches, config, accelerator)
         accelerator.log({**reward_metrics, "epoch": epoch}, step=global_step)
         logger.info("epoch %d rewards: %s", epoch, reward_metrics)
+        if reward_metrics["reward/zero_advantage_fraction"] == 1.0:
+            zero_advantage_epochs.append(epoch)
+            logger.warning(
+                "epoch %d: EVERY ADVANTAGE IS 0 (the rewards are equal within each of the %d groups), so this epoch "
+                "teaches the policy nothing; check that the rewards in reward_fn vary between videos "
+                "(reward/<name> in the log) and that their weights are not 0", epoch, reward_metrics["reward/num_groups"])
         if accelerator.is_main_process and config.log_videos_freq and epoch % config.log_videos_freq == 0:
             log_rollout_videos(run_dir / "videos" / f"epoch_{epoch:05d}", batches[0].inputs, batches[0].rewards,
                                config.log_videos_count, config.video_fps)
         if accelerator.is_main_process:
-            with open(run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps({"epoch": epoch, "step": global_step, **reward_metrics}) + "\n")
+            append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, "step": global_step, **reward_metrics})
 
         transformer.train()
         global_step = train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, ema,
@@ -317,16 +329,22 @@ def train(config) -> dict:
     # sampling of the run), so a failure there loses no training.
     checksums = replica_checksums(trainable, accelerator)
     if accelerator.is_main_process:
-        save_lora(accelerator.unwrap_model(transformer), run_dir)
-        if ema is not None:
-            with ema_weights(ema, trainable):
-                save_lora(accelerator.unwrap_model(transformer), run_dir / "ema")
+        with reporting_write_errors(run_dir / "lora", "the trained LoRA"):
+            save_lora(accelerator.unwrap_model(transformer), run_dir)
+            if ema is not None:
+                with ema_weights(ema, trainable):
+                    save_lora(accelerator.unwrap_model(transformer), run_dir / "ema")
     with ema_weights(ema, trainable):
         means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
-    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means, "lora_checksums": checksums}
+    summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means, "lora_checksums": checksums,
+               # Epochs whose update had nothing to learn from (warned about when they ran).
+               "zero_advantage_epochs": zero_advantage_epochs}
+    if zero_advantage_epochs:
+        logger.warning("%d of %d epochs had only zero advantages (epochs %s); see summary.json",
+                       len(zero_advantage_epochs), config.num_epochs - first_epoch, zero_advantage_epochs)
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(run_dir / "summary.json", summary)
         for key in means:
             before = f"{first_eval[key]:.4f}" if first_eval else "n/a"
             logger.info("eval %s: before %s -> after %.4f", key, before, means[key])

@@ -1,9 +1,11 @@
-"""Rewards on in-memory frames vs the upstream route: write each rollout to mp4 (imageio-ffmpeg,
-H.264), decode it again (decord, as the reward model's file reader does) and score that.
+"""Rewards on in-memory frames vs the upstream route: write each rollout to mp4 as upstream does
+(diffusers ``export_to_video``, 10 fps, quality 7.5), decode it again (decord, as the reward
+model's file reader does) and score that (``reward_model.mp4_roundtrip``).
 
 Both routes are timed interleaved per batch; reported per video, with the score difference the
-lossy mp4 round trip causes. Rewards: ``ref_tone`` and the tiny ``identity`` reward model
-(``IdentityRewardScorer.score_frames`` vs ``score_videos``). Frames come from a tiny-model
+lossy mp4 round trip causes, and the difference the declared frame rate makes (16 fps, the
+project's earlier default, vs 10, upstream's). Rewards: ``ref_tone`` and the tiny ``identity``
+reward model (``IdentityRewardScorer.score_frames`` vs ``rewards.identity.score_via_mp4``). Frames come from a tiny-model
 rollout; larger sizes upsample them (the reward model resizes frames to its own pixel bound,
 so its cost hardly depends on the video size, while mp4 encode/decode does).
 
@@ -20,14 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from identity_grpo.rewards import REGISTRY, RewardInputs, build_reward_fn
+from identity_grpo.rewards.identity import score_via_mp4, write_upstream_mp4
 
-FPS = 16
-
-
-def write_mp4(path: Path, video: torch.Tensor) -> None:
-    import imageio
-
-    imageio.mimwrite(path, video.numpy(), fps=FPS, codec="libx264", quality=8, macro_block_size=16)
+FPS = 10  # upstream's rollout videos (export_to_video's default)
 
 
 def read_mp4(path: Path) -> torch.Tensor:
@@ -57,7 +54,6 @@ def main() -> None:
 
     pipeline = VaceRolloutPipeline(common.build_stock_pipeline(common.TINY))
     dataset_refs = sorted((common.REPO / "dataset" / "generated_img").glob("*.png"))
-    ref_paths = [[str(dataset_refs[i % len(dataset_refs)])] for i in range(args.batch)]
     refs = [[common.reference_images(len(dataset_refs))[i % len(dataset_refs)]] for i in range(args.batch)]
     prompts = [common.PROMPTS[i % len(common.PROMPTS)] for i in range(args.batch)]
     _, tiny_frames = pipeline(prompts, refs, height=32, width=32, num_frames=5, num_inference_steps=4,
@@ -76,33 +72,37 @@ def main() -> None:
             def in_memory():
                 inputs = RewardInputs(frames=frames, reference_images=refs, prompts=prompts)
                 results["memory"] = (ref_tone(inputs)["ref_tone"], scorer.score_frames(frames, refs, prompts, fps=FPS)[:, 0])
+                results["memory_16fps"] = scorer.score_frames(frames, refs, prompts, fps=16)[:, 0]
 
             def via_file():
                 for path, item in zip(paths, frames):
-                    write_mp4(path, item)
+                    write_upstream_mp4(item, path, FPS)
                 decoded = torch.stack([read_mp4(path) for path in paths])
-                inputs = RewardInputs(frames=decoded, reference_images=refs, prompts=prompts)
-                results["file"] = (ref_tone(inputs)["ref_tone"], scorer.score_videos([str(p) for p in paths], ref_paths, prompts)[:, 0])
+                inputs = RewardInputs(frames=frames, reference_images=refs, prompts=prompts)
+                results["file"] = (ref_tone(RewardInputs(frames=decoded, reference_images=refs, prompts=prompts))["ref_tone"],
+                                   score_via_mp4(scorer, inputs, FPS)[:, 0])
 
             def encode_decode_only():
                 for path, item in zip(paths, frames):
-                    write_mp4(path, item)
+                    write_upstream_mp4(item, path, FPS)
                 torch.stack([read_mp4(path) for path in paths])
 
             times = common.interleaved({"memory": in_memory, "file": via_file, "mp4 only": encode_decode_only}, repeats)
             tone_diff = (results["memory"][0] - results["file"][0]).abs()
             identity_diff = (results["memory"][1] - results["file"][1]).abs()
+            fps_diff = (results["memory"][1] - results["memory_16fps"]).abs()
             identity_spread = results["memory"][1].std().item()
             per = {k: common.median(v) / args.batch * 1e3 for k, v in times.items()}
             rows.append([f"{height}x{width}x{num_frames}", f"{per['memory']:.1f}", f"{per['file']:.1f}",
                          f"{per['mp4 only']:.1f}", f"{common.paired_ratio(times['file'], times['memory']):.2f}",
                          f"{tone_diff.max().item():.2e}", f"{identity_diff.max().item():.2e}",
-                         f"{identity_spread:.2e}"])
+                         f"{fps_diff.max().item():.2e}", f"{identity_spread:.2e}"])
             print(f"  {height}x{width}x{num_frames}: memory {common.spread(times['memory'])}, "
                   f"file {common.spread(times['file'])} (batch of {args.batch})", flush=True)
     print(f"\nper video, batch {args.batch}, {repeats} interleaved repeats, medians; rewards ref_tone + tiny identity")
     print(common.table(["video", "in-memory ms/video", "mp4 route ms/video", "mp4 write+read only ms/video",
-                        "ratio mp4/memory", "max |d ref_tone|", "max |d identity|", "identity std over batch"], rows))
+                        "ratio mp4/memory", "max |d ref_tone| mp4", "max |d identity| mp4",
+                        "max |d identity| 16 vs 10 fps", "identity std over batch"], rows))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,18 @@ Override any field on the command line: ``--config config/dgx.py:vace --config.t
 
 import ml_collections
 
+# Wan2.1's standard negative prompt (its own pipelines' default; upstream Identity-GRPO passes it
+# when sampling and training). Roughly: garish colours, overexposed, static, blurry details,
+# subtitles, style, artwork, painting, still frame, greyish, worst quality, low quality, JPEG
+# artefacts, ugly, mutilated, extra fingers, badly drawn hands or face, deformed, disfigured,
+# malformed limbs, fused fingers, motionless picture, cluttered background, three legs, crowded
+# background, walking backwards.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -64,8 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrained = pretrained = ml_collections.ConfigDict()
     # Base video model: a local diffusers folder or a hub id (hub ids need network access).
     pretrained.model = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
-    # If true and `model` is a missing local folder, write tiny random models there first
-    # (the offline quick start and tests; never set for real runs).
+    # If true and `model` is a missing local folder inside a folder named `tiny_models/`, write
+    # tiny random models there first (the offline quick start and tests; never set for real runs;
+    # any other missing path is refused, so a typo never builds random models).
     pretrained.build_tiny = False
     # Phantom only: the Phantom DiT, an original-format .pth or a converted diffusers transformer
     # folder (`model` is then the Wan2.1-T2V-1.3B diffusers folder). See docs/phantom.md.
@@ -86,7 +99,17 @@ def get_config() -> ml_collections.ConfigDict:
     sample.text_guidance_scale = 7.5
     # Phantom only: flow shift of the sigma schedule (0 keeps the scheduler folder's value).
     sample.flow_shift = 0.0
-    # Negative prompt for CFG; encoded once per run.
+    # Sigma table of flow UniPC schedulers (Wan2.1's): "installed" (the installed diffusers') or
+    # "v0.35" (diffusers 0.35's, which upstream pins; 0.37 moved every sigma, by up to 0.0026 at
+    # 25 steps). Other schedulers always use their own. See identity_grpo/schedules.py.
+    sample.sigma_table = "installed"
+    # Solver of evaluation and batch inference (deterministic sampling): "scheduler" (the
+    # scheduler's own step: Wan's 2nd-order UniPC, so the video equals the stock pipeline's) or
+    # "euler" (first-order, what upstream Identity-GRPO evaluates with). Training rollouts always
+    # use the SDE, and Euler for their deterministic steps (window / fast modes).
+    sample.eval_solver = "scheduler"
+    # Negative prompt for CFG, in sampling and training; encoded once per run. The `vace` and
+    # `phantom` presets use WAN_NEGATIVE_PROMPT (above), as upstream does.
     sample.negative_prompt = ""
     # Max tokens of the UMT5 prompt encoder (Wan uses 512).
     sample.max_sequence_length = 512
@@ -104,13 +127,19 @@ def get_config() -> ml_collections.ConfigDict:
     # Normalise advantages with the std of all rewards (True) or of each group (False).
     sample.global_std = False
     # SDE noise schedule: "identity_grpo" (std = sigma_min + (sigma_max - sigma_min) * sigma),
-    # "flow_grpo" (noise_level * sqrt(sigma / (1 - sigma))) or "cps" (coefficients-preserving).
+    # "flow_grpo" (noise_level * sqrt(sigma / (1 - min(sigma, sigma_max)))), "cps"
+    # (coefficients-preserving, Flow-GRPO's log-prob -mean((x - mean)^2)) or "cps_exact" (the same
+    # sampler scored with the exact Gaussian density). See identity_grpo/sde.py.
     sample.noise_schedule = "identity_grpo"
     # Multiplier of the noise schedule (1.0 reproduces upstream Identity-GRPO; Flow-GRPO uses 0.7).
     sample.noise_level = 1.0
     # Evaluate with the training SDE and fixed noise instead of the deterministic ODE sampler: it
     # measures exactly the objective GRPO optimises (needs eval_num_steps == num_steps).
     sample.eval_sde = False
+    # How the steps after the trained ones are sampled (default mode, sde_window_size = 0): "sde"
+    # (upstream: every step is an SDE step, only the first floor(num_steps * timestep_fraction) are
+    # trained) or "ode" (deterministic Euler steps after the trained ones: a less noisy final video).
+    sample.untrained_steps = "sde"
     # Window mode (MixGRPO-style): SDE on a contiguous window of this many steps, its start drawn
     # per sampling batch; ODE elsewhere; only window steps are trained. 0: off (the first
     # floor(num_steps * train.timestep_fraction) steps are SDE and trained).
@@ -151,18 +180,28 @@ def get_config() -> ml_collections.ConfigDict:
     train.beta = 0.004
     # Multiply advantages by this (-1 trains to LOWER the reward; used by tests as a control).
     train.advantage_sign = 1.0
-    # Leave samples of groups whose rewards are all equal out of the update (their advantage is
-    # 0; only the KL term would act on them). The number of such groups is logged either way.
-    train.filter_zero_std_groups = False
-    # LoRA on the transformer's attention projections.
+    # Which samples to leave out of the update because their advantage is 0 (only the KL term
+    # would act on them): "sample" (upstream: every sample whose advantage is exactly 0), "group"
+    # (the samples of groups whose rewards are all equal) or "none". The number of zero-std groups
+    # is logged either way.
+    train.filter_zero_advantage = "sample"
+    # LoRA on the transformer's attention projections; scale = alpha / rank (upstream: 32 / 32 = 1).
     train.lora_rank = 32
-    train.lora_alpha = 64
+    train.lora_alpha = 32
     train.lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     # Start from this LoRA (peft folder) instead of the base model. Empty: base model.
     train.lora_path = ""
-    # Keep an exponential moving average of the LoRA weights (used for evaluation, saved).
+    # Keep an exponential moving average of the LoRA weights (used for evaluation, saved). Its
+    # decay after optimizer step n is min((1 + n) / (10 + n), ema_decay) (diffusers' EMAModel
+    # warm-up, as upstream's). It is updated after every ema_update_interval-th optimizer step (n
+    # with (n + 1) % interval == 0), once, or with ema_per_sampling_batch once per sampling batch
+    # of that step: upstream calls it after each batch, and since the weights do not change
+    # between those calls this is one update with decay^gradient_accumulation_steps. Upstream: 0.9,
+    # every 8th step, per sampling batch (the `vace` preset); ours: 0.99 after every step.
     train.ema = True
     train.ema_decay = 0.99
+    train.ema_update_interval = 1
+    train.ema_per_sampling_batch = False
     # Recompute activations in the backward pass (less memory, ~30% slower).
     train.gradient_checkpointing = True
 
@@ -174,5 +213,25 @@ def get_config() -> ml_collections.ConfigDict:
     # "evoid"; level "reward" (combine, then normalise in groups) or "advantage" (normalise each
     # reward in its groups, then combine).
     config.reward_combination = ml_collections.ConfigDict({"mode": "sum", "level": "reward"})
+
+    # ---------------------------------------------------------------- identity reward model
+    config.reward_model = reward_model = ml_collections.ConfigDict()
+    # Videos per forward pass of the reward model.
+    reward_model.batch_size = 4
+    # Frames sampled per video and the per-frame pixel bound (0: the model's own, 5 and 399,360
+    # for the released model).
+    reward_model.num_frames = 0
+    reward_model.max_frame_pixels = 0
+    # Frame rate declared for the rollout frames. Qwen2.5-VL's temporal positions depend on it.
+    # Upstream writes each rollout with diffusers' export_to_video (its default: 10 fps) and the
+    # reward model reads the file back, so 10 scores like upstream.
+    reward_model.fps = 10.0
+    # Score exactly what upstream scores: decoded frames converted to uint8 by truncation (not
+    # rounding), each rollout written to mp4 as upstream does (export_to_video, 10 fps, quality
+    # 7.5), read back and scored. Slower; for parity studies (docs/upstream.md has the measured
+    # difference).
+    reward_model.mp4_roundtrip = False
+    # Base Qwen2.5-VL folder for reward models in the upstream release layout ("": as recorded).
+    reward_model.base_model = ""
 
     return config

@@ -28,6 +28,11 @@ def vace():
     config.sample.global_std = False
     config.sample.noise_schedule = "identity_grpo"
     config.sample.noise_level = 1.0
+    config.sample.negative_prompt = base.WAN_NEGATIVE_PROMPT
+    # Every step is an SDE step; the first 24 of 25 are trained.
+    config.sample.untrained_steps = "sde"
+    # Upstream pins diffusers 0.35.0: its UniPC sigma table, whatever diffusers is installed.
+    config.sample.sigma_table = "v0.35"
     # Upstream: num_batches_per_epoch // 2 sampling batches per optimizer step.
     config.train.gradient_accumulation_steps = 4
     config.train.num_inner_epochs = 1
@@ -35,7 +40,14 @@ def vace():
     config.train.beta = 0.004
     config.train.learning_rate = 1e-4
     config.train.clip_range = 1e-3
+    config.train.filter_zero_advantage = "sample"
+    config.train.lora_rank, config.train.lora_alpha = 32, 32
+    # Upstream's EMA: decay 0.9, after every 8th optimizer step, once per sampling batch.
     config.train.ema = True
+    config.train.ema_decay = 0.9
+    config.train.ema_update_interval = 8
+    config.train.ema_per_sampling_batch = True
+    config.reward_model.fps = 10.0
     config.mixed_precision = "bf16"
     config.save_freq = 5
     config.eval_freq = 5
@@ -114,6 +126,8 @@ def _phantom_sampling(config):
     config.sample.guidance_scale = 7.5
     # Flow-matching shift of the sigma schedule (Phantom: 5.0; Wan2.1-T2V's folder has 3.0).
     config.sample.flow_shift = 5.0
+    # The official Phantom grid, linspace(0.999, 0, N + 1)[:-1] shifted, is diffusers 0.35's table.
+    config.sample.sigma_table = "v0.35"
     return config
 
 

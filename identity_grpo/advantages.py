@@ -81,6 +81,26 @@ def zero_std_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
     return (group_max == group_min)[inverse]
 
 
+def update_mask(advantages: torch.Tensor, constant_group: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(N,)`` bool: the samples that take part in the update (``train.filter_zero_advantage``).
+
+    - ``"sample"`` (upstream Identity-GRPO): drop every sample whose advantage is exactly 0 (all
+      of a constant-reward group, and any sample that equals its group's mean).
+    - ``"group"``: drop the samples of constant-reward groups (``constant_group``).
+    - ``"none"``: keep everything (zero-advantage samples then only feel the KL term).
+
+    Upstream, a rank left with no sample adds 1e-6 to every advantage and trains on all of them;
+    here the caller keeps the (identical) backward calls with a zero loss instead.
+    """
+    if mode == "sample":
+        return advantages != 0
+    if mode == "group":
+        return ~constant_group.to(advantages.device)
+    if mode == "none":
+        return torch.ones_like(advantages, dtype=torch.bool)
+    raise ValueError(f"unknown filter_zero_advantage mode {mode!r}; use 'sample', 'group' or 'none'")
+
+
 def weighted_group_advantages(
     rewards: dict[str, torch.Tensor],
     group_ids: torch.Tensor,

@@ -7,16 +7,23 @@ weights and ``state.json`` (next epoch, optimizer step, run name). Rollouts, the
 the shuffles are seeded by ``(seed, epoch, ...)``, so they need no saved RNG state.
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves
-a half checkpoint that looks finished; loading checks every file before touching the model.
+a half checkpoint that looks finished. Before anything on disk is moved or any weight loaded,
+:func:`verify_checkpoint` reads every file (``state.json`` parsed, ``optimizer.pt`` / ``ema.pt``
+unpickled, the safetensors read); resuming from a run folder falls back past a broken newest
+checkpoint to the latest complete one and logs which and why. A failed write (full disk) names
+the path and removes only its own temporary folder.
 Written by hand because ``accelerator.save_state`` would store the frozen 1.3B base weights too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,21 +67,62 @@ def save_lora(peft_model, folder: Path, pipeline_class=None) -> None:
     )
 
 
+@contextmanager
+def reporting_write_errors(path: Path, what: str) -> Iterator[None]:
+    """Re-raise a failed write under ``path`` as an ``OSError`` naming the path and, when the disk
+    is full, saying so: torch reports a full disk as a C++ enforce message ("file write failed")
+    and safetensors as a Rust one, neither naming the file."""
+    try:
+        yield
+    except Exception as error:
+        is_safetensors = type(error).__name__ == "SafetensorError"
+        if not isinstance(error, (OSError, RuntimeError)) and not is_safetensors:
+            raise
+        message = str(error)
+        if (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in message or "StorageFull" in message
+                or _free_bytes(path) == 0):
+            raise OSError(errno.ENOSPC, f"the disk is full: writing {what} to {path} failed ({message}); free space "
+                                        "there, or point logdir at another disk, and rerun") from error
+        if isinstance(error, OSError) or is_safetensors or "write" in message:
+            raise OSError(getattr(error, "errno", None) or errno.EIO,
+                          f"writing {what} to {path} failed: {message}") from error
+        raise
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free space on the disk holding ``path`` (its nearest existing ancestor), or None."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
 def save_checkpoint(run_dir: Path, *, epoch: int, global_step: int, peft_model, optimizer, ema=None,
                     limit: int = 0, extra_state: dict | None = None) -> Path:
-    """Write ``checkpoint-<epoch>`` atomically (main process only); keep the newest ``limit``."""
+    """Write ``checkpoint-<epoch>`` atomically (main process only); keep the newest ``limit``.
+
+    A failed write (e.g. a full disk) removes the temporary folder and raises ``OSError`` naming
+    it; the earlier checkpoints are untouched."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{epoch:06d}"
     staging = root / f".tmp-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_lora(peft_model, staging)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    if ema is not None:
-        torch.save(ema.state_dict(), staging / "ema.pt")
-    state = {"epoch": epoch, "global_step": global_step, "run_name": Path(run_dir).name, **(extra_state or {})}
-    (staging / "state.json").write_text(json.dumps(state, indent=2))
+    try:
+        with reporting_write_errors(staging, "a checkpoint"):
+            staging.mkdir()
+            save_lora(peft_model, staging)
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            if ema is not None:
+                torch.save(ema.state_dict(), staging / "ema.pt")
+            state = {"epoch": epoch, "global_step": global_step, "run_name": Path(run_dir).name, **(extra_state or {})}
+            (staging / "state.json").write_text(json.dumps(state, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a partial folder would only take more space
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
@@ -114,24 +162,78 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def verify_checkpoint(path: Path) -> dict:
+    """Read every file of checkpoint ``path`` once and check that they agree; returns its state.
+
+    Raises :class:`CheckpointError` naming the first missing, unreadable or inconsistent file.
+    Reads the files in full (a LoRA checkpoint is small), so a truncated file is caught here,
+    before anything on disk is moved or any model weight is touched."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing})")
+
+    def unreadable(name: str, error: Exception) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {name} cannot be read ({type(error).__name__}: {error})")
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise unreadable("state.json", error) from error
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("epoch", "global_step")):
+        raise CheckpointError(f"checkpoint {path}: state.json must hold integer 'epoch' and 'global_step', got {state!r}")
+    if path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit() and int(path.name[len(PREFIX):]) != state["epoch"]:
+        raise CheckpointError(f"checkpoint {path}: state.json says epoch {state['epoch']} but the folder is "
+                              f"{path.name}; the files do not belong together")
+    try:
+        json.loads((path / "lora" / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise unreadable("lora/adapter_config.json", error) from error
+    for name in ("lora/adapter_model.safetensors", "lora_diffusers/pytorch_lora_weights.safetensors"):
+        try:
+            if not load_file(path / name):
+                raise ValueError("no tensors")
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise unreadable(name, error) from error
+    for name, weights_only in (("optimizer.pt", True), ("ema.pt", False)):
+        if (path / name).is_file():
+            try:
+                torch.load(path / name, map_location="cpu", weights_only=weights_only)
+            except Exception as error:  # unpickling raises many types (EOFError, RuntimeError, ...)
+                raise unreadable(name, error) from error
+    return state
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from ``config.resume_from``: a checkpoint itself, or a run folder
-    (its latest complete checkpoint). Every required file is checked."""
+    """A verified checkpoint folder from ``config.resume_from``: a checkpoint itself (refused if
+    any file is broken), or a run folder: its latest checkpoint that verifies, newer broken ones
+    skipped with a warning that says which and why. Nothing on disk is changed."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"resume_from={str(path)!r} does not exist")
-    if not (path / "state.json").exists() and not path.name.startswith(PREFIX):
-        found = complete_checkpoints(path / "checkpoints")
-        if not found:
-            raise CheckpointError(f"resume_from={str(path)!r}: no checkpoints/{PREFIX}* folder in this run")
-        path = found[-1]
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete (missing {missing}); resume from an earlier checkpoint "
-            f"or the run folder instead"
-        )
-    return path
+    if (path / "state.json").exists() or path.name.startswith(PREFIX):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; resume from an earlier checkpoint or the run folder instead") from error
+        return path
+    found = complete_checkpoints(path / "checkpoints")
+    if not found:
+        raise CheckpointError(f"resume_from={str(path)!r}: no checkpoints/{PREFIX}* folder in this run")
+    problems = []
+    for candidate in reversed(found):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            logger.warning("resume_from=%s: the newest checkpoint(s) cannot be used, resuming from %s, the latest "
+                           "complete one:\n  %s", path, candidate.name, "\n  ".join(problems))
+        return candidate
+    raise CheckpointError(f"resume_from={str(path)!r}: no usable checkpoint:\n  " + "\n  ".join(problems))
 
 
 def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None) -> dict:
@@ -141,11 +243,19 @@ def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None) -> dict:
 
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "lora" / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(peft_model, weights)
+    try:
+        result = set_peft_model_state_dict(peft_model, weights)
+    except RuntimeError as error:  # shape mismatch: another lora_rank or base model
+        raise CheckpointError(f"{path}/lora/adapter_model.safetensors does not fit this model's LoRA ({error}); "
+                              "resume with the config the run was started with (train.lora_rank, pretrained.model)") from error
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"{path}/lora does not match this model's LoRA (unexpected keys {unexpected[:5]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    except ValueError as error:  # parameter groups of another size: another LoRA layout
+        raise CheckpointError(f"{path}/optimizer.pt does not fit this run's optimizer ({error}); resume with the "
+                              "config the run was started with") from error
     if ema is not None:
         if not (path / "ema.pt").is_file():
             raise CheckpointError(f"{path} has no ema.pt but train.ema is on; set --config.train.ema=False")

@@ -3,32 +3,45 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from identity_grpo.sde import NOISE_SCHEDULES
+from identity_grpo.schedules import SIGMA_TABLES
+from identity_grpo.sde import NOISE_SCHEDULES, NOISELESS_FINAL_STEP
 
 
 def num_train_steps(config) -> int:
-    """How many of a rollout's denoising steps are SDE steps that get trained."""
+    """How many of a rollout's denoising steps are recorded and trained."""
     if config.sample.sde_window_size > 0:
         return config.sample.sde_window_size
     return max(1, math.floor(config.sample.num_steps * config.train.timestep_fraction))
 
 
-def sde_step_indices(config, step: int) -> list[int]:
-    """The SDE (= trained) steps of the rollouts of global sampling step ``step``.
+def trained_step_indices(config, step: int) -> list[int]:
+    """The recorded (= trained) steps of the rollouts of global sampling step ``step``.
 
     Default: the first ``num_train_steps`` steps. Window mode (``sample.sde_window_size > 0``,
     MixGRPO-style): a contiguous window whose start is drawn per sampling step, the same on all
-    ranks (so batches stack and collectives match), ODE elsewhere.
+    ranks (so batches stack and collectives match). Schedules whose final step has no noise
+    (CPS) draw windows that end before it.
     """
     size = config.sample.sde_window_size
     if size <= 0:
         return list(range(num_train_steps(config)))
     import torch
 
+    last_start = config.sample.num_steps - size - (config.sample.noise_schedule in NOISELESS_FINAL_STEP)
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-    start = int(torch.randint(0, config.sample.num_steps - size + 1, (1,), generator=generator))
+    start = int(torch.randint(0, last_start + 1, (1,), generator=generator))
     return list(range(start, start + size))
+
+
+def sde_step_indices(config, step: int) -> list[int]:
+    """The stochastic steps of the rollouts of global sampling step ``step``: the trained ones and,
+    in the default mode with ``sample.untrained_steps == "sde"`` (upstream), every later step too.
+    Window mode takes ODE steps outside its window."""
+    if config.sample.sde_window_size <= 0 and config.sample.untrained_steps == "sde":
+        return list(range(config.sample.num_steps))
+    return trained_step_indices(config, step)
 
 
 def phantom_guidance_error(sample) -> str | None:
@@ -43,10 +56,12 @@ def phantom_guidance_error(sample) -> str | None:
     return None
 
 
-def validate_config(config, num_processes: int = 1, *, training: bool = True) -> None:
+def validate_config(config, num_processes: int = 1, *, training: bool = True, check_files: bool = False) -> None:
     """Raise ``ValueError`` listing every impossible setting with its field and the fix.
 
     ``training=False`` (batch inference) skips the checks that only concern the GRPO batch layout.
+    ``check_files=True`` (the entry points) also checks the model folders and files the config
+    names and the attention backend, from the file system alone, before any model loads.
     """
     errors = []
     sample, train = config.sample, config.train
@@ -80,12 +95,37 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True) ->
         )
     if sample.noise_schedule not in NOISE_SCHEDULES:
         errors.append(f"sample.noise_schedule ({sample.noise_schedule!r}) must be one of {NOISE_SCHEDULES}")
+    elif sample.noise_schedule in NOISELESS_FINAL_STEP and sample.num_steps >= 1 and (
+            num_train_steps(config) >= sample.num_steps):
+        errors.append(
+            f"sample.noise_schedule {sample.noise_schedule!r} has no noise on the final step (sigma_next = 0), so it "
+            f"cannot be trained, but all {sample.num_steps} steps would be: lower train.timestep_fraction "
+            f"({train.timestep_fraction}) or sample.sde_window_size ({sample.sde_window_size}) below sample.num_steps"
+        )
+    if sample.sigma_table not in SIGMA_TABLES:
+        errors.append(f"sample.sigma_table ({sample.sigma_table!r}) must be one of {SIGMA_TABLES}")
+    if sample.eval_solver not in ("scheduler", "euler"):
+        errors.append(f"sample.eval_solver ({sample.eval_solver!r}) must be 'scheduler' (the model's own) or 'euler'")
+    if sample.untrained_steps not in ("sde", "ode"):
+        errors.append(f"sample.untrained_steps ({sample.untrained_steps!r}) must be 'sde' (upstream) or 'ode'")
     if sample.noise_level <= 0:
         errors.append("sample.noise_level must be > 0: the SDE needs noise to explore")
     if train.clip_range <= 0:
         errors.append("train.clip_range must be > 0")
     if train.beta < 0:
         errors.append("train.beta must be >= 0")
+    if train.filter_zero_advantage not in ("sample", "group", "none"):
+        errors.append(
+            f"train.filter_zero_advantage ({train.filter_zero_advantage!r}) must be 'sample' (upstream), 'group' or 'none'")
+    if not 0 <= train.ema_decay < 1:
+        errors.append(f"train.ema_decay ({train.ema_decay}) must be in [0, 1)")
+    if train.ema_update_interval < 1:
+        errors.append(f"train.ema_update_interval ({train.ema_update_interval}) must be >= 1 (optimizer steps)")
+    reward_model = config.reward_model
+    if not reward_model.fps > 0:
+        errors.append(f"reward_model.fps ({reward_model.fps}) must be > 0 (upstream's rollouts are 10 fps)")
+    if reward_model.batch_size < 1 or reward_model.num_frames < 0 or reward_model.max_frame_pixels < 0:
+        errors.append("reward_model.batch_size must be >= 1, num_frames and max_frame_pixels >= 0 (0: the model's own)")
     if training and (
         train.gradient_accumulation_steps < 1 or sample.num_batches_per_epoch % train.gradient_accumulation_steps
     ):
@@ -104,5 +144,141 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True) ->
         errors.append("reward_fn is empty: name at least one reward and its weight, e.g. {'identity': 1.0}")
     elif not all(isinstance(w, (int, float)) for w in weights.values()):
         errors.append(f"reward_fn weights must be numbers, got {weights}")
+    errors += _field_range_errors(config, training)
+    if check_files:
+        errors += _path_errors(config, training)
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _nan_fields(section, prefix: str = "") -> list[str]:
+    """Every float field holding NaN, dotted (a NaN compares false with every bound)."""
+    found = []
+    for key, value in section.items():
+        if hasattr(value, "items"):
+            found += _nan_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and math.isnan(value):
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def _field_range_errors(config, training: bool) -> list[str]:
+    """Each numeric field outside its range, with the range (bounds written out per field)."""
+    sample, train = config.sample, config.train
+    errors = [f"{name} is NaN; give a number" for name in _nan_fields(config)]
+    # (field, value, predicate, the range in words)
+    checks = [
+        ("save_freq", config.save_freq, lambda v: v >= 0, ">= 0 (0 disables saving)"),
+        ("eval_freq", config.eval_freq, lambda v: v >= 0, ">= 0 (0 disables evaluation)"),
+        ("num_checkpoint_limit", config.num_checkpoint_limit, lambda v: v >= 0, ">= 0 (0 keeps all)"),
+        ("log_videos_freq", config.log_videos_freq, lambda v: v >= 0, ">= 0 (0 disables)"),
+        ("log_videos_count", config.log_videos_count, lambda v: v >= 0, ">= 0"),
+        ("video_fps", config.video_fps, lambda v: v > 0, "> 0"),
+        ("height", config.height, lambda v: v >= 16, ">= 16"),
+        ("width", config.width, lambda v: v >= 16, ">= 16"),
+        ("eval_height", config.eval_height, lambda v: v >= 16, ">= 16"),
+        ("eval_width", config.eval_width, lambda v: v >= 16, ">= 16"),
+        ("frames", config.frames, lambda v: v >= 1, ">= 1"),
+        ("eval_frames", config.eval_frames, lambda v: v >= 1, ">= 1"),
+        ("sample.test_batch_size", sample.test_batch_size, lambda v: v >= 1, ">= 1"),
+        ("sample.max_sequence_length", sample.max_sequence_length, lambda v: v >= 1, ">= 1"),
+        ("sample.guidance_scale", sample.guidance_scale, lambda v: 0 <= v < math.inf, ">= 0 and finite (1.0: no CFG)"),
+        ("sample.image_guidance_scale", sample.image_guidance_scale, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+        ("sample.text_guidance_scale", sample.text_guidance_scale, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+        ("sample.flow_shift", sample.flow_shift, lambda v: 0 <= v < math.inf, ">= 0 and finite (0: the scheduler's)"),
+        ("sample.conditioning_scale", sample.conditioning_scale, math.isfinite, "finite"),
+        ("sample.noise_level", sample.noise_level, math.isfinite, "finite"),
+        ("train.lora_rank", train.lora_rank, lambda v: v >= 1, ">= 1"),
+        ("train.lora_alpha", train.lora_alpha, lambda v: 0 < v < math.inf, "> 0"),
+    ]
+    if training:
+        checks += [
+            ("num_epochs", config.num_epochs, lambda v: v >= 1, ">= 1"),
+            ("sample.train_batch_size", sample.train_batch_size, lambda v: v >= 1, ">= 1"),
+            ("sample.num_batches_per_epoch", sample.num_batches_per_epoch, lambda v: v >= 1, ">= 1"),
+            ("train.learning_rate", train.learning_rate, lambda v: 0 < v < math.inf,
+             "> 0 and finite (at 0 the run trains nothing)"),
+            ("train.adam_beta1", train.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("train.adam_beta2", train.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("train.adam_weight_decay", train.adam_weight_decay, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+            ("train.adam_epsilon", train.adam_epsilon, lambda v: 0 < v < math.inf, "> 0 and finite"),
+            ("train.max_grad_norm", train.max_grad_norm, lambda v: 0 < v < math.inf, "> 0 and finite"),
+            ("train.num_inner_epochs", train.num_inner_epochs, lambda v: v >= 1, ">= 1"),
+            ("train.adv_clip_max", train.adv_clip_max, lambda v: v > 0, "> 0"),
+            ("train.advantage_sign", train.advantage_sign, lambda v: v != 0 and math.isfinite(v),
+             "nonzero and finite (1: maximise the reward, -1: minimise it)"),
+        ]
+    if training and sample.noise_schedule == "identity_grpo" and sample.num_steps == 1:
+        # Its noise bounds are sigmas[1] and sigmas[-1], both the final sigma 0 in a 1-step
+        # schedule: the one step has no noise whatever sample.noise_level is.
+        errors.append("sample.num_steps = 1 leaves the 'identity_grpo' noise schedule without noise (its bounds are "
+                      "the schedule's second and last sigma, both 0), so the step cannot be trained, whatever "
+                      "sample.noise_level is: use sample.num_steps >= 2")
+    for name, value, valid, bound in checks:
+        if not _is_number(value):
+            errors.append(f"{name} must be a number {bound}, got {value!r}")
+        elif not math.isnan(value) and not valid(value):
+            errors.append(f"{name} ({value}) must be {bound}")
+    return errors + _reward_weight_errors(config)
+
+
+def _reward_weight_errors(config) -> list[str]:
+    """Unknown or unavailable reward names (from the registry, nothing is built) and weights that
+    leave nothing to learn."""
+    from identity_grpo.rewards import unknown_reward_error
+
+    weights = dict(config.reward_fn)
+    errors = []
+    if weights and (error := unknown_reward_error(weights)):
+        errors.append(error)
+    numbers = [w for w in weights.values() if _is_number(w)]
+    if any(not math.isfinite(w) for w in numbers):
+        errors.append(f"reward_fn weights must be finite, got {weights}")
+    elif numbers and len(numbers) == len(weights) and all(w == 0 for w in numbers):
+        errors.append(f"every reward_fn weight is 0 ({weights}): the total reward is constant, so every advantage is "
+                      "0 and nothing is learned; give at least one reward a nonzero weight")
+    return errors
+
+
+def _path_errors(config, training: bool) -> list[str]:
+    """Model folders and files the config names that cannot be loaded, found from the file system
+    alone (no model is built): missing local paths, folders without their config file, hub ids
+    when the hub is switched off and nothing is cached."""
+    from identity_grpo.models import attention_backend_error, may_build_tiny, model_path_error
+    from identity_grpo.rewards import config_field
+
+    pretrained = config.pretrained
+    errors = [model_path_error(config, "pretrained.model", pretrained.model, "model_index.json")]
+    dit = pretrained.get("phantom_dit", "")
+    if config.model_type == "phantom" and dit and not Path(dit).exists() and not (
+            may_build_tiny(config, pretrained.model) and not Path(pretrained.model).exists()):
+        errors.append(f"config.pretrained.phantom_dit = {dit!r} does not exist; point it at Phantom-Wan-1.3B.pth or "
+                      "a converted diffusers transformer folder")
+    weights = dict(config.reward_fn)
+    if "identity" in weights:  # built and scored even at weight 0 (then logged, not optimised)
+        path = str(pretrained.get("reward_model", ""))
+        if not (Path(path, "reward_config.json").is_file() or Path(path, "model_config.json").is_file()
+                or (may_build_tiny(config, path) and not Path(path).exists())):
+            state = "does not exist" if not Path(path).exists() else (
+                "holds neither reward_config.json (standard layout) nor model_config.json (upstream layout)")
+            errors.append(f"config.pretrained.reward_model = {path!r} {state}, and reward_fn lists 'identity'; point it "
+                          "at the identity reward model folder (docs/reward_model.md)")
+    for reward, section, field in (("aesthetic", "aesthetic", "clip_path"), ("aesthetic", "aesthetic", "head_path"),
+                                   ("naturalness", "naturalness", "model_path")):
+        path = str(config_field(config_field(config, section, None), field, ""))
+        if reward in weights and path and not Path(path).exists():
+            errors.append(f"config.{section}.{field} = {path!r} does not exist, and reward_fn lists {reward!r}")
+    errors.append(train_lora_error(config.train.lora_path))  # the warm start, or the LoRA a test run generates with
+    errors.append(attention_backend_error(config.get("attention_backend", "")))
+    return [error for error in errors if error]
+
+
+def train_lora_error(path: str) -> str | None:
+    """Why ``train.lora_path`` is not a peft LoRA folder, or None (also None when empty)."""
+    if path and not Path(path, "adapter_config.json").is_file():
+        return f"train.lora_path = {path!r} has no adapter_config.json; point it at a peft LoRA folder"
+    return None

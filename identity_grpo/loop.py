@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from identity_grpo.configuration import sde_step_indices
+from identity_grpo.configuration import sde_step_indices, trained_step_indices
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.pipelines.vace import Rollouts, SDEConfig, VaceRolloutPipeline
 from identity_grpo.rewards import CombinedReward, RewardInputs
@@ -38,14 +38,15 @@ def rollout_rows(
     group_ids: Sequence[int] | None = None,
     evaluation: bool = False,
     latents: torch.Tensor | None = None,
-    sde_steps: Sequence[int] | None = None,
+    step: int = 0,
 ) -> tuple[Rollouts, RewardInputs]:
     """Generate one video per dataset row in ``indices``.
 
-    Training rollouts use the train size and the SDE on the first ``num_train_steps`` steps;
-    evaluation uses the eval size and the deterministic sampler, or with ``sample.eval_sde`` the
-    training SDE (then the eval steps must equal the training steps). ``sde_steps`` overrides the
-    SDE steps of a training rollout (window mode draws them per sampling step).
+    Training rollouts use the train size, the SDE steps of global sampling step ``step`` and
+    record its trained steps (:func:`~identity_grpo.configuration.sde_step_indices`; window mode
+    draws them per sampling step). Evaluation uses the eval size and the deterministic sampler,
+    or with ``sample.eval_sde`` the training SDE (then the eval steps must equal the training
+    steps), and records nothing.
     """
     items = [dataset[i] for i in indices]
     # Load each row's images once: repeated rows (a group's members) share the same objects,
@@ -66,8 +67,8 @@ def rollout_rows(
         max_sequence_length=config.sample.max_sequence_length,
         conditioning_scale=config.sample.conditioning_scale,
         group_ids=group_ids,
-        sde_steps=[] if evaluation and not config.sample.eval_sde else (
-            sde_steps if sde_steps is not None else sde_step_indices(config, 0)),
+        sde_steps=[] if evaluation and not config.sample.eval_sde else sde_step_indices(config, step),
+        record_steps=[] if evaluation else trained_step_indices(config, step),
         sde=sde_config(config),
         latents=latents,
         generator=generator,
@@ -138,8 +139,11 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int) -> None:
     """Write ``(F, H, W, 3)`` uint8 frames as an H.264 mp4."""
     import imageio
 
+    from identity_grpo.checkpoint import reporting_write_errors
+
     # macro_block_size=16 matches the height/width check of validate_config, so nothing is resized.
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=16) as writer:
+    with reporting_write_errors(Path(path), "a video"), imageio.get_writer(
+            path, fps=fps, codec="libx264", macro_block_size=16) as writer:
         for frame in frames.numpy():
             writer.append_data(frame)
 

@@ -12,14 +12,68 @@ logger = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# Where ``pretrained.build_tiny`` may write random models: the tiny presets' folder
+# (outputs/tiny_models/). Anywhere else a missing path is a mistake, never silently filled.
+TINY_MODELS_FOLDER = "tiny_models"
+
+
+def looks_local(value: str) -> bool:
+    """Whether a model reference is meant as a local path rather than a hub id (``org/name``):
+    absolute, ``./`` or ``~``, more than one ``/``, a backslash, or a first component that
+    exists here (``outputs/x``). Such a value is never tried on the hub (retries take half a minute)."""
+    value = str(value)
+    parts = value.replace("\\", "/").split("/")
+    return (value.startswith((".", "~", "/")) or "\\" in value or len(parts) > 2 or value.endswith("/")
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def may_build_tiny(config, path: str) -> bool:
+    """Whether ``pretrained.build_tiny`` is set and ``path`` is a place it may write to."""
+    return bool(config.pretrained.get("build_tiny", False)) and Path(path).parent.name == TINY_MODELS_FOLDER
+
+
+def model_path_error(config, field: str, path: str, required: str) -> str | None:
+    """Why ``config.<field> = path`` cannot be loaded (``required``: a file it must hold), or None.
+    Hub ids are accepted unless the hub is switched off (``HF_HUB_OFFLINE``) and the id is not cached."""
+    if not path:
+        return f"config.{field} is empty; set it to a local folder or a hub id"
+    if Path(path).is_dir():
+        if not Path(path, required).is_file():
+            return f"config.{field} = {path!r} has no {required}; point it at a complete diffusers folder"
+        return None
+    if may_build_tiny(config, path):
+        return None
+    if config.pretrained.get("build_tiny", False) and not Path(path).exists():
+        return (f"config.{field} = {path!r} does not exist, and pretrained.build_tiny writes random models only "
+                f"inside a '{TINY_MODELS_FOLDER}/' folder (the tiny presets' outputs/{TINY_MODELS_FOLDER}/), so a "
+                "mistyped path is not silently filled with random weights; fix the path")
+    if Path(path).exists():
+        return f"config.{field} = {path!r} is a file; it must be a folder (or a hub id)"
+    if looks_local(path):
+        return (f"config.{field} = {path!r} does not exist (it looks like a local path, so it is not tried as a "
+                "hub id); fix the path")
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            snapshot_download(path, local_files_only=True)
+        except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not an id)
+            return (f"config.{field} = {path!r} is not a local folder, and the hub is switched off "
+                    "(HF_HUB_OFFLINE) with no cached copy; download it or give a local folder")
+    return None
+
+
 def resolve_model_path(config) -> str:
-    """The base model folder; writes the tiny offline models first if the config asks for them."""
+    """The base model folder; writes the tiny offline models first if the config asks for them
+    (only inside a ``tiny_models/`` folder, see :func:`may_build_tiny`)."""
     path = config.pretrained.model
-    if config.pretrained.get("build_tiny", False) and not Path(path, "model_index.json").is_file():
+    if may_build_tiny(config, path) and not Path(path, "model_index.json").is_file():
         from identity_grpo.testing import write_tiny_vace
 
         logger.info("writing tiny random VACE models to %s", path)
         write_tiny_vace(path)
+    if not Path(path).is_dir() and looks_local(path):
+        raise ValueError(model_path_error(config, "pretrained.model", path, "model_index.json"))
     return path
 
 
@@ -69,7 +123,35 @@ def load_rollout_pipeline(config, device: torch.device, dtype: torch.dtype):
     backend = attention_backend(config)
     set_attention_backend(pipeline.transformer, backend)
     logger.info("attention backend: %s", backend)
+    pipeline.sigma_table = config.sample.sigma_table
+    pipeline.ode_solver = config.sample.eval_solver
+    # Upstream's scoring path, exactly: its uint8 conversion truncates before the mp4 is written.
+    pipeline.truncate_frames = bool(config.reward_model.mp4_roundtrip)
     return pipeline
+
+
+def attention_backend_error(backend: str) -> str | None:
+    """Why diffusers cannot use attention backend ``backend`` (unknown name, missing package),
+    known without building a model; None when it can, or when it is empty (automatic)."""
+    if not backend:
+        return None
+    from diffusers.models import attention_dispatch
+
+    try:
+        name = attention_dispatch.AttentionBackendName(backend)
+    except ValueError:
+        names = sorted(item.value for item in attention_dispatch.AttentionBackendName)
+        return f"config.attention_backend = {backend!r} is not a diffusers attention backend; choose one of {names}"
+    try:  # a private helper of diffusers: if it moves, set_attention_backend still reports at load time
+        check = attention_dispatch._check_attention_backend_requirements
+    except AttributeError:
+        return None
+    try:
+        check(name)
+    except (RuntimeError, ImportError) as error:
+        return (f"config.attention_backend = {backend!r} cannot be used here: {error} Leave it empty for the "
+                "automatic choice (flash when flash-attn is installed on CUDA, native otherwise).")
+    return None
 
 
 def set_attention_backend(transformer, backend: str) -> None:

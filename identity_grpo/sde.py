@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-NOISE_SCHEDULES = ("identity_grpo", "flow_grpo", "cps")
+NOISE_SCHEDULES = ("identity_grpo", "flow_grpo", "cps", "cps_exact")
+# Schedules whose final step (sigma_next = 0) has no noise: it is taken as its mean and never trained.
+NOISELESS_FINAL_STEP = ("cps", "cps_exact")
 
 
 @dataclass
@@ -62,18 +64,20 @@ def noise_scale(
     - ``identity_grpo`` (upstream Identity-GRPO): ``sigma_min + (sigma_max - sigma_min) * sigma``,
       with ``sigma_max`` / ``sigma_min`` the largest non-terminal and the last sigma of the schedule.
       ``noise_level`` scales it (1.0 reproduces upstream).
-    - ``flow_grpo``: ``noise_level * sqrt(sigma / (1 - sigma))``; at ``sigma == 1`` the denominator
-      uses the schedule's ``sigma_max`` instead (the numerator keeps ``sigma``), as in Flow-GRPO, to
-      avoid the singularity.
-    - ``cps`` (coefficients-preserving sampling): the *total* std of the step,
-      ``sigma_next * sin(noise_level * pi / 2)``; it is not multiplied by ``sqrt(-dt)``.
+    - ``flow_grpo``: ``noise_level * sqrt(sigma / (1 - min(sigma, sigma_max)))``; the numerator keeps
+      ``sigma``. Flow-GRPO replaces the denominator's ``sigma`` by ``sigma_max`` only where
+      ``sigma == 1`` (FlowMatchEuler's first sigma). Bounding it by ``sigma_max`` instead gives the
+      same value there and also covers schedules that start just below 1: Wan2.1's UniPC starts at
+      ``1 - 1e-6`` (flow_shift 3), where the unbounded form gives a std of ~81 at noise level 0.7.
+    - ``cps`` / ``cps_exact`` (coefficients-preserving sampling): the *total* std of the step,
+      ``sigma_next * sin(noise_level * pi / 2)``; it is not multiplied by ``sqrt(-dt)``. It is 0 on
+      the final step (``sigma_next == 0``), which is then deterministic.
     """
     if schedule == "identity_grpo":
         return noise_level * (sigma_min + (sigma_max - sigma_min) * sigma)
     if schedule == "flow_grpo":
-        safe_sigma = torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_max), sigma)
-        return noise_level * torch.sqrt(sigma / (1.0 - safe_sigma))
-    if schedule == "cps":
+        return noise_level * torch.sqrt(sigma / (1.0 - sigma.clamp_max(sigma_max)))
+    if schedule in ("cps", "cps_exact"):
         return sigma_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {NOISE_SCHEDULES}")
 
@@ -87,6 +91,19 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     x, mean, std = x.float(), mean.float(), std.float()
     log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def squared_error_log_prob(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's CPS log-probability: per-sample MEAN over non-batch dims of ``-(x - mean)^2``.
+
+    The Gaussian's constants and its ``1 / (2 std^2)`` scale are dropped (Flow-GRPO,
+    ``sde_type == "cps"``). The scale does not cancel in an importance ratio: the exact density's
+    log-ratio is ``1 / (2 std^2)`` times this one's (about 0.6x to 8000x over a 25-step Wan schedule
+    at noise level 0.7), and Flow-GRPO's CPS clip ranges are tuned to this form. It is also defined
+    where the std is 0 (the final step).
+    """
+    error = (x.float() - mean.float()) ** 2
+    return -error.mean(dim=tuple(range(1, error.ndim)))
 
 
 def sde_step(
@@ -113,8 +130,10 @@ def sde_step(
 
     For ``identity_grpo`` / ``flow_grpo`` the mean is the Flow-GRPO drift
     ``x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt`` and the std is
-    ``s * sqrt(-dt)``; with ``s = 0`` this is exactly the Euler step. For ``cps`` the mean is
-    ``x0_hat (1 - sigma_next) + eps_hat sqrt(sigma_next^2 - std^2)``.
+    ``s * sqrt(-dt)``; with ``s = 0`` this is exactly the Euler step. For ``cps`` / ``cps_exact``
+    the mean is ``x0_hat (1 - sigma_next) + eps_hat sqrt(sigma_next^2 - std^2)``; ``cps`` scores
+    with :func:`squared_error_log_prob` (Flow-GRPO's form, also on the noiseless final step),
+    ``cps_exact`` with the Gaussian density (None where the std is 0).
     """
     if prev_sample is not None and (generator is not None or noise is not None):
         raise ValueError("pass either prev_sample (re-score) or generator/noise (sample), not both")
@@ -131,7 +150,7 @@ def sde_step(
     scale = noise_scale(
         sigma, sigma_next, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max, sigma_min=sigma_min
     )
-    if schedule == "cps":
+    if schedule in ("cps", "cps_exact"):
         std = scale
         x0_hat = sample - sigma * model_output
         eps_hat = sample + (1.0 - sigma) * model_output
@@ -150,6 +169,8 @@ def sde_step(
     else:
         prev_sample = prev_sample.float()
 
+    if schedule == "cps":
+        return SDEStepOutput(prev_sample, squared_error_log_prob(prev_sample.detach(), mean), mean, std)
     if bool((std <= 0).any()):
         return SDEStepOutput(prev_sample, None, mean, std)
     return SDEStepOutput(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)

@@ -3,7 +3,7 @@
 import pytest
 
 from config.dgx import get_config
-from identity_grpo.configuration import num_train_steps, sde_step_indices, validate_config
+from identity_grpo.configuration import num_train_steps, sde_step_indices, trained_step_indices, validate_config
 
 
 @pytest.mark.parametrize("preset", ["vace", "tiny", "phantom", "phantom_tiny"])
@@ -25,6 +25,11 @@ def test_presets_are_valid(preset):
         ("sample.sde_window_size", 99, "sde_window_size"),
         ("sample.fast_branch", True, "fast_branch needs"),
         ("train.gradient_accumulation_steps", 3, "multiple of"),
+        ("sample.untrained_steps", "euler", "untrained_steps"),
+        ("train.filter_zero_advantage", "groups", "filter_zero_advantage"),
+        ("train.ema_decay", 1.0, "ema_decay"),
+        ("train.ema_update_interval", 0, "ema_update_interval"),
+        ("reward_model.fps", 0.0, "reward_model.fps"),
     ],
 )
 def test_impossible_settings_name_the_field(field, value, message):
@@ -45,6 +50,10 @@ def test_batch_layout_checked_against_process_count():
 def test_default_trains_first_fraction_of_steps():
     config = get_config("vace")  # 25 steps, fraction 0.99 -> 24, as upstream
     assert num_train_steps(config) == 24
+    assert trained_step_indices(config, 5) == list(range(24))
+    # Upstream samples every step with the SDE, the untrained last one included.
+    assert sde_step_indices(config, 5) == list(range(25))
+    config.sample.untrained_steps = "ode"
     assert sde_step_indices(config, 5) == list(range(24))
 
 
@@ -55,7 +64,11 @@ def test_window_mode_draws_contiguous_windows():
     assert all(w == list(range(w[0], w[0] + 4)) and 0 <= w[0] <= 21 for w in windows)
     assert len({w[0] for w in windows}) > 5  # the window moves
     assert sde_step_indices(config, 7) == windows[7]  # a pure function of the step (resume)
+    assert all(trained_step_indices(config, step) == windows[step] for step in range(50))  # ODE outside
     assert num_train_steps(config) == 4
+    # CPS has no noise on the final step, so its windows end before it.
+    config.sample.noise_schedule = "cps"
+    assert max(trained_step_indices(config, step)[-1] for step in range(200)) == 23
 
 
 def test_attention_backend_choice():
@@ -83,3 +96,12 @@ def test_unusable_attention_backend_names_the_config_field(backend):
 
     with pytest.raises(ValueError, match=rf"config.attention_backend = '{backend}' cannot be used"):
         set_attention_backend(build_vace_transformer(), backend)
+
+
+def test_cps_refuses_to_train_its_noiseless_final_step():
+    config = get_config("tiny")  # 4 steps
+    config.sample.noise_schedule = "cps"
+    validate_config(config)  # floor(4 * 0.99) = 3 trained steps: the final one is not among them
+    config.train.timestep_fraction = 1.0
+    with pytest.raises(ValueError, match="no noise on the final step"):
+        validate_config(config)

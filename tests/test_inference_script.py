@@ -63,7 +63,7 @@ def launch(setup, name: str, lora: str | Path, *extra: str, processes: int = 1) 
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command = [
         *launcher, str(ROOT / "test_wan2_1_vace.py"), "--config", str(setup["config"]),
-        f"--config.pretrained.model={setup['models']}", f"--config.pretrained.reward_model={setup['root'] / 'reward'}",
+        f"--config.pretrained.model={setup['models']}", f"--config.pretrained.reward_model={setup['root'] / 'tiny_models' / 'reward'}",
         f"--config.dataset={setup['dataset']}", f"--config.logdir={logdir}", f"--config.train.lora_path={lora}",
         # The light setting: 2 ODE steps instead of the preset's 4 SDE steps.
         "--config.sample.eval_sde=False", "--config.sample.eval_num_steps=2", *extra,

@@ -43,6 +43,18 @@ def test_canvas_keeps_aspect_on_white():
     assert torch.allclose(canvas[:, 8:24], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 32))
 
 
+def test_canvas_truncates_the_scaled_side_as_official_phantom():
+    # 45x29 (W x H) onto 32x32: ratio 1.5517 > 1 -> width 32, height int(32 / 1.5517) = int(20.62) = 20 (rounding
+    # would give 21); top padding (32 - 20) // 2 = 6.
+    canvas = fit_on_white_canvas(Image.new("RGB", (45, 29), (0, 0, 255)), 32, 32)
+    image_rows = (canvas != 1).any(dim=0).any(dim=1).nonzero().flatten()
+    assert (int(image_rows[0]), int(image_rows[-1])) == (6, 25)
+    # 29x45 (W x H) onto 32x48: ratio 0.644 < 0.667 -> height 48, width int(48 * 0.6444) = int(30.93) = 30.
+    canvas = fit_on_white_canvas(Image.new("RGB", (29, 45), (0, 0, 255)), 48, 32)
+    image_cols = (canvas != 1).any(dim=0).any(dim=0).nonzero().flatten()
+    assert (int(image_cols[0]), int(image_cols[-1])) == (1, 30)
+
+
 @torch.no_grad()
 def reference_loop(pipe, prompt, refs, video_noise):
     """Phantom's sampler for ONE item, written plainly: references appended to the state, three

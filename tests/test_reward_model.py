@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import ml_collections
 import pytest
@@ -204,21 +203,13 @@ def grpo_config(path, **reward_model):
     return config
 
 
-def test_identity_reward_matches_scorer_and_is_fast(tiny_dir, scorer):
+def test_identity_reward_matches_scorer(tiny_dir, scorer):
     fn = REGISTRY["identity"](grpo_config(tiny_dir, batch_size=2), torch.device("cpu"))
     frames, references, prompts = random_batch(batch_size=4, num_frames=5, size=32)
     inputs = RewardInputs(frames=frames, reference_images=references, prompts=prompts)
     out = fn(inputs)
     assert set(out) == {"identity"} and out["identity"].shape == (4,)
     torch.testing.assert_close(out["identity"], scorer.score_frames(frames, references, prompts)[:, 0], atol=1e-5, rtol=0)
-    # CPU seconds of this process (all its threads), not wall time: other jobs sharing the machine
-    # stretch the wall clock but not the work one scoring call does.
-    seconds = []
-    for _ in range(3):
-        start = time.process_time()
-        fn(inputs)
-        seconds.append(time.process_time() - start)
-    assert min(seconds) < 1.0, seconds
 
 
 def test_identity_reward_through_build_reward_fn_builds_tiny_model(tmp_path):

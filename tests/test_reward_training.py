@@ -12,7 +12,7 @@ from PIL import Image
 
 from vace_reward.data import PreferenceDataError, PreferencePair, read_preference_csv, write_preference_csv, write_video
 from vace_reward.inference import IdentityRewardScorer
-from vace_reward.losses import bradley_terry_loss, bradley_terry_ties_loss, pairwise_accuracy
+from vace_reward.losses import bradley_terry_loss, bradley_terry_ties_loss, pairwise_accuracy, preference_loss
 from vace_reward.model import IdentityRewardModel
 from vace_reward.testing import build_tiny_reward_model
 from vace_reward.train_reward import TrainRewardConfig, add_lora, merged_backbone_state_dict, parse_args, train
@@ -24,15 +24,29 @@ def sigmoid(x: float) -> float:
 
 # ---------------------------------------------------------------------- losses
 
-def test_bradley_terry_loss_hand_values():
-    # d = log 3 -> P(A) = 3/4: "A" costs -log 3/4, "B" costs -log 1/4, a tie the mean of both.
+def test_bradley_terry_loss_masks_ties_as_videoalign():
+    # d = log 3 -> P(A) = 3/4: "A" costs -log 3/4, "B" costs -log 1/4. VideoAlign's "bt" gives a tie 0 loss
+    # but keeps it in the mean's denominator: (-log 3/4 - log 1/4 + 0 + log 2) / 4.
     d = math.log(3.0)
     reward_a, reward_b = torch.tensor([d, d, d, 0.0]), torch.zeros(4)
-    per_pair = [-math.log(0.75), -math.log(0.25), 0.5 * (-math.log(0.75) - math.log(0.25)), math.log(2.0)]
+    per_pair = [-math.log(0.75), -math.log(0.25), 0.0, math.log(2.0)]
     for index, target in enumerate([1.0, 0.0, 0.5, 1.0]):
         loss = bradley_terry_loss(reward_a[index:index + 1], reward_b[index:index + 1], torch.tensor([target]))
         assert loss.item() == pytest.approx(per_pair[index], abs=1e-6)
     batch = bradley_terry_loss(reward_a, reward_b, torch.tensor([1.0, 0.0, 0.5, 1.0]))
+    assert batch.item() == pytest.approx(sum(per_pair) / 4, abs=1e-6)
+    # A tie contributes no gradient at all (the soft label would pull d towards 0).
+    reward_a = torch.tensor([d, 0.7], requires_grad=True)
+    bradley_terry_loss(reward_a, torch.zeros(2), torch.tensor([1.0, 0.5])).backward()
+    assert reward_a.grad[1].item() == 0.0 and reward_a.grad[0].item() == pytest.approx(-0.25 / 2, abs=1e-6)
+
+
+def test_soft_bradley_terry_loss_hand_values():
+    # The soft-label variant ("bt_soft"): a tie costs the mean of both outcomes.
+    d = math.log(3.0)
+    reward_a, reward_b = torch.tensor([d, d, d, 0.0]), torch.zeros(4)
+    per_pair = [-math.log(0.75), -math.log(0.25), 0.5 * (-math.log(0.75) - math.log(0.25)), math.log(2.0)]
+    batch = preference_loss("bt_soft", reward_a, reward_b, torch.tensor([1.0, 0.0, 0.5, 1.0]))
     assert batch.item() == pytest.approx(sum(per_pair) / 4, abs=1e-6)
 
 

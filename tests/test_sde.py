@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from identity_grpo.sde import NOISE_SCHEDULES, gaussian_kl, sde_step
+from identity_grpo.sde import NOISE_SCHEDULES, gaussian_kl, noise_scale, sde_step
+
+# Schedules scored with the exact Gaussian density; "cps" uses Flow-GRPO's squared-error form.
+GAUSSIAN_SCHEDULES = tuple(s for s in NOISE_SCHEDULES if s != "cps")
 
 # A (B, C, F, H, W) video latent: the shape the training loop actually scores.
 SHAPE = (3, 4, 5, 6, 8)
@@ -58,7 +61,7 @@ def test_deterministic_is_the_euler_step(schedule):
     assert not bool(out.std.any())
 
 
-@pytest.mark.parametrize("schedule", NOISE_SCHEDULES)
+@pytest.mark.parametrize("schedule", GAUSSIAN_SCHEDULES)
 def test_log_prob_is_mean_of_normal_log_prob_on_5d_latents(schedule):
     model_output, sample = _latents()
     out = sde_step(
@@ -149,6 +152,14 @@ def test_flow_grpo_at_sigma_one_uses_sigma_max():
     assert math.isfinite(out.log_prob.item())
 
 
+def test_flow_grpo_just_below_sigma_one_is_bounded_by_sigma_max():
+    # Wan's UniPC schedule starts at 1 - 1e-6: the denominator is bounded by sigma_max (0.9), so
+    # s = 0.7 sqrt(0.999999 / 0.1) instead of 0.7 sqrt(0.999999 / 1e-6) = 700.
+    sigma = torch.tensor([1 - 1e-6])
+    scale = noise_scale(sigma, torch.tensor([0.9]), schedule="flow_grpo", noise_level=0.7, sigma_max=0.9, sigma_min=0.0)
+    assert scale.item() == pytest.approx(0.7 * math.sqrt((1 - 1e-6) / 0.1), rel=1e-6)
+
+
 def test_cps_std_and_mean_by_hand():
     # sigma 0.8 -> 0.6, noise_level 0.5: std = 0.6 sin(pi / 4) = 0.424264069
     #   x0_hat = 0.5 - 0.8 (-0.3) = 0.74, eps_hat = 0.5 + 0.2 (-0.3) = 0.44
@@ -156,6 +167,32 @@ def test_cps_std_and_mean_by_hand():
     out = _scalar_step(0.5, -0.3, 0.8, 0.6, schedule="cps", noise_level=0.5, noise=ZERO_NOISE)
     assert out.std.item() == pytest.approx(0.424264069, abs=1e-6)
     assert out.prev_sample_mean.item() == pytest.approx(0.482676190, abs=1e-6)
+
+
+def test_cps_log_prob_is_flow_grpos_squared_error():
+    # Flow-GRPO (sde_type "cps"): log_prob = -(x - mean)^2, constants and 1 / (2 std^2) dropped, mean over dims.
+    model_output, sample = _latents()
+    kwargs = dict(schedule="cps", noise_level=0.7, **SCHEDULE_KWARGS)
+    out = sde_step(model_output, sample, SIGMA, SIGMA_NEXT, generator=torch.Generator().manual_seed(2), **kwargs)
+    expected = -((out.prev_sample - out.prev_sample_mean) ** 2).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(out.log_prob, expected, rtol=0, atol=0)
+    # Against the exact density of the same step the log-ratio of a perturbed mean shrinks by 2 std^2.
+    exact = sde_step(model_output, sample, SIGMA, SIGMA_NEXT, noise=torch.zeros(SHAPE), **{**kwargs, "schedule": "cps_exact"})
+    shifted = dict(prev_sample=exact.prev_sample + 0.1)
+    ratio_cps = sde_step(model_output, sample, SIGMA, SIGMA_NEXT, **shifted, **kwargs).log_prob
+    ratio_exact = sde_step(model_output, sample, SIGMA, SIGMA_NEXT, **shifted,
+                           **{**kwargs, "schedule": "cps_exact"}).log_prob - exact.log_prob
+    torch.testing.assert_close(ratio_exact, ratio_cps / (2 * exact.std.flatten() ** 2), rtol=1e-5, atol=0)
+
+
+def test_cps_final_step_is_its_mean_with_a_defined_log_prob():
+    # sigma_next = 0: std = 0, the step lands on x0_hat = x - sigma v; Flow-GRPO still scores it (-(x - mean)^2 = 0).
+    out = _scalar_step(0.5, -0.3, 0.2, 0.0, schedule="cps", noise_level=0.7, noise=torch.ones(1, 1))
+    assert out.std.item() == 0.0
+    assert out.prev_sample.item() == pytest.approx(0.5 + 0.2 * 0.3, abs=1e-7)
+    assert out.log_prob.item() == 0.0
+    # The exact density has none there.
+    assert _scalar_step(0.5, -0.3, 0.2, 0.0, schedule="cps_exact", noise=torch.ones(1, 1)).log_prob is None
 
 
 @pytest.mark.parametrize("schedule", NOISE_SCHEDULES)

@@ -7,8 +7,9 @@ A preference CSV has one row per comparison::
 
 ``ref_paths`` holds 1-4 images separated by ``;``; ``label`` is ``A`` (video A shows the
 reference people better), ``B`` or ``tie``. Relative paths are relative to the CSV's folder.
-Every row is checked when the dataset is built (columns, label, reference count, files exist),
-so a bad row stops training before the model is loaded, with file, row and field named.
+Every row is checked when the dataset is built (columns, field count, label, reference count,
+every image decoded, every video's header read), so a bad row stops training before the model is
+loaded, with file, row and field named.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from identity_grpo.data import open_rgb_image, read_csv_rows
 
 LABELS = {"a": 1.0, "b": 0.0, "tie": 0.5}
 PAIR_COLUMNS = ("ref_paths", "prompt", "video_a", "video_b", "label")
@@ -50,42 +53,63 @@ class PreferencePair:
         return self.target == 0.5
 
 
-def read_preference_csv(path: str | Path, max_references: int = 4) -> list[PreferencePair]:
-    """Validated rows of a preference CSV (see the module docstring)."""
+def read_preference_csv(path: str | Path, max_references: int = 4, *, check_files: bool = True) -> list[PreferencePair]:
+    """Validated rows of a preference CSV (see the module docstring).
+
+    With ``check_files`` every reference image is decoded and every video's header is read
+    once, so a corrupt file stops the run before the model loads, naming file, row and field.
+    """
     path = Path(path)
     if not path.is_file():
         raise PreferenceDataError(f"{path}: preference CSV not found")
-    pairs = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in PAIR_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PreferenceDataError(f"{path}: missing column(s) {missing}; header must contain {', '.join(PAIR_COLUMNS)}")
-        # Row numbers count the header as line 1, as a spreadsheet shows them.
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}, row {line}"
-            label = (row["label"] or "").strip().lower()
-            if label not in LABELS:
-                raise PreferenceDataError(f"{where}, field 'label': {row['label']!r}; use A, B or tie")
-            refs = [path.parent / p.strip() for p in (row["ref_paths"] or "").split(";") if p.strip()]
-            if not 1 <= len(refs) <= max_references:
-                raise PreferenceDataError(
-                    f"{where}, field 'ref_paths': {len(refs)} references; give 1-{max_references} separated by ';'"
-                )
-            for ref in refs:
-                if not ref.is_file():
-                    raise PreferenceDataError(f"{where}, field 'ref_paths': image {ref} does not exist")
-            videos = {}
-            for field in ("video_a", "video_b"):
-                video = path.parent / (row[field] or "").strip()
-                if not (row[field] or "").strip() or not video.is_file():
-                    raise PreferenceDataError(f"{where}, field '{field}': video {video} does not exist")
-                videos[field] = video
-            pairs.append(PreferencePair(tuple(refs), (row["prompt"] or "").strip(), videos["video_a"], videos["video_b"],
-                                        LABELS[label]))
+    pairs, checked = [], set()
+    for line, row in read_csv_rows(path, PAIR_COLUMNS, error=PreferenceDataError):
+        where = f"{path}, row {line}"
+        label = row["label"].strip().lower()
+        if label not in LABELS:
+            raise PreferenceDataError(f"{where}, field 'label': {row['label']!r}; use A, B or tie")
+        refs = [path.parent / p.strip() for p in row["ref_paths"].split(";") if p.strip()]
+        if not 1 <= len(refs) <= max_references:
+            raise PreferenceDataError(
+                f"{where}, field 'ref_paths': {len(refs)} references; give 1-{max_references} separated by ';'"
+            )
+        for ref in refs:
+            if not ref.is_file():
+                raise PreferenceDataError(f"{where}, field 'ref_paths': image {ref} does not exist")
+            if check_files and ref not in checked:
+                open_rgb_image(ref, where=f"{where}, field 'ref_paths'", error=PreferenceDataError)
+                checked.add(ref)
+        videos = {}
+        for field in ("video_a", "video_b"):
+            video = path.parent / row[field].strip()
+            if not row[field].strip() or not video.is_file():
+                raise PreferenceDataError(f"{where}, field '{field}': video {video} does not exist")
+            if check_files and video not in checked:
+                probe_video(video, where=f"{where}, field '{field}'", error=PreferenceDataError)
+                checked.add(video)
+            videos[field] = video
+        pairs.append(PreferencePair(tuple(refs), row["prompt"].strip(), videos["video_a"], videos["video_b"],
+                                    LABELS[label]))
     if not pairs:
         raise PreferenceDataError(f"{path}: no rows")
     return pairs
+
+
+def probe_video(path: str | Path, *, where: str = "", error: type[ValueError] = PreferenceDataError) -> int:
+    """Open a video's container and index with decord (what the scorer reads it with) and return its
+    frame count; raise ``error`` naming ``where`` and the file if it cannot be decoded or is empty.
+    Cheap: no frame is decoded."""
+    import decord
+
+    prefix = f"{where}: " if where else ""
+    try:
+        count = len(decord.VideoReader(str(path)))
+    except Exception as decord_error:  # decord raises its own DECORDError and RuntimeError
+        raise error(f"{prefix}video {path} cannot be decoded ({decord_error}); re-encode it "
+                    "(e.g. H.264 mp4)") from decord_error
+    if count < 1:
+        raise error(f"{prefix}video {path} has no frames; re-encode it (e.g. H.264 mp4)")
+    return count
 
 
 def write_preference_csv(path: str | Path, pairs: list[PreferencePair]) -> Path:

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from identity_grpo.data import MAX_REFERENCES, open_rgb_image, read_csv_rows
+from vace_reward.data import probe_video
 from vace_reward.model import IdentityRewardModel
 from vace_reward.prompts import build_reward_text
 
@@ -63,16 +65,10 @@ class PreparedSample:
     video_metadata: dict
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an RGB image, or raise :class:`RewardInputError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RewardInputError(f"reference image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise RewardInputError(f"reference image {path} cannot be read ({error}); replace it with a valid image") from error
+def load_image(path: str | os.PathLike, where: str = "") -> Image.Image:
+    """Open an 8-bit RGB image (16-bit greyscale scaled), or raise :class:`RewardInputError`
+    naming the file (and ``where``: file, row, field)."""
+    return open_rgb_image(Path(path), where=where, error=RewardInputError)
 
 
 class IdentityRewardScorer:
@@ -169,7 +165,6 @@ class IdentityRewardScorer:
 
     def read_video_file(self, path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
         """Sampled and resized frames of a video file, read by qwen-vl-utils with decord."""
-        import decord
         from qwen_vl_utils.vision_process import fetch_video
 
         path = Path(path)
@@ -177,10 +172,7 @@ class IdentityRewardScorer:
             raise RewardInputError(f"video {path} does not exist")
         # Open once with decord first: qwen-vl-utils silently falls back to another reader on
         # errors, which would hide a corrupt file behind a different, confusing error.
-        try:
-            total_frames = len(decord.VideoReader(str(path)))
-        except Exception as error:  # decord raises its own DECORDError and RuntimeError
-            raise RewardInputError(f"video {path} cannot be decoded ({error}); re-encode it (e.g. H.264 mp4)") from error
+        total_frames = probe_video(path, error=RewardInputError)
         self._frame_count(total_frames, source=f"video {path}")
         video, metadata = fetch_video(
             {"video": str(path), "nframes": self.num_frames,
@@ -261,31 +253,38 @@ class IdentityRewardScorer:
 
 # ---------------------------------------------------------------------- command line
 
-def read_score_csv(path: Path, max_references: int) -> list[tuple[list[Path], Path, str]]:
-    """Rows ``(reference paths, video path, prompt)`` of a scoring CSV, validated up front."""
-    if not path.is_file():
-        raise RewardInputError(f"{path}: CSV not found")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in ("ref_paths", "video", "prompt") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise RewardInputError(f"{path}: missing column(s) {missing}; header must contain ref_paths, video, prompt")
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}, row {line}"
-            refs = [path.parent / p.strip() for p in (row["ref_paths"] or "").split(";") if p.strip()]
-            if not 1 <= len(refs) <= max_references:
-                raise RewardInputError(f"{where}, field 'ref_paths': {len(refs)} references; give 1-{max_references} separated by ';'")
-            for ref in refs:
-                if not ref.is_file():
-                    raise RewardInputError(f"{where}, field 'ref_paths': image {ref} does not exist")
-            video = path.parent / (row["video"] or "").strip()
-            if not video.is_file():
-                raise RewardInputError(f"{where}, field 'video': video {video} does not exist")
-            rows.append((refs, video, row["prompt"] or ""))
+def read_score_csv(path: Path, max_references: int = MAX_REFERENCES) -> list[tuple[list[Path], Path, str]]:
+    """Rows ``(reference paths, video path, prompt)`` of a scoring CSV, validated up front: every
+    image decoded and every video's header read, errors naming file, row and field."""
+    rows, checked = [], set()
+    for line, row in read_csv_rows(path, ("ref_paths", "video", "prompt"), error=RewardInputError):
+        where = f"{path}, row {line}"
+        refs = [path.parent / p.strip() for p in row["ref_paths"].split(";") if p.strip()]
+        if not 1 <= len(refs) <= max_references:
+            raise RewardInputError(f"{where}, field 'ref_paths': {len(refs)} references; give 1-{max_references} separated by ';'")
+        for ref in refs:
+            if ref not in checked:
+                load_image(ref, where=f"{where}, field 'ref_paths'")
+                checked.add(ref)
+        video = path.parent / row["video"].strip()
+        if not row["video"].strip() or not video.is_file():
+            raise RewardInputError(f"{where}, field 'video': video {video} does not exist")
+        probe_video(video, where=f"{where}, field 'video'", error=RewardInputError)
+        rows.append((refs, video, row["prompt"]))
     if not rows:
         raise RewardInputError(f"{path}: no rows")
     return rows
+
+
+def check_single_video(video: str, refs: list[str]) -> None:
+    """The single-video mode's files, checked before the model loads."""
+    if len(refs) > MAX_REFERENCES:
+        raise RewardInputError(f"--refs: {len(refs)} images; give 1-{MAX_REFERENCES}")
+    for ref in refs:
+        load_image(ref, where="--refs")
+    if not Path(video).is_file():
+        raise RewardInputError(f"--video: video {video} does not exist")
+    probe_video(video, where="--video", error=RewardInputError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,6 +308,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--video needs --refs with 1-4 reference images")
 
     try:
+        # The inputs are checked before the model loads (minutes for the released model).
+        if args.video is not None:
+            check_single_video(args.video, args.refs)
+        else:
+            rows = read_score_csv(args.csv)
+            output = args.output or args.csv.with_name(f"{args.csv.stem}_scores.csv")
+            if not output.parent.is_dir():
+                raise RewardInputError(f"--output: folder {output.parent} does not exist")
         scorer = IdentityRewardScorer.from_pretrained(
             args.model, device=args.device, base_model=args.base_model, batch_size=args.batch_size,
             num_frames=args.num_frames, max_frame_pixels=args.max_frame_pixels,
@@ -318,11 +325,9 @@ def main(argv: list[str] | None = None) -> None:
             for name, value in zip(scorer.dimensions, scores[0].tolist()):
                 print(f"{name}\t{value:.6f}")
             return
-        rows = read_score_csv(args.csv, scorer.config.max_references)
         scores = scorer.score_videos([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
     except (RewardInputError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    output = args.output or args.csv.with_name(f"{args.csv.stem}_scores.csv")
     with open(output, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["ref_paths", "video", "prompt", *scorer.dimensions])

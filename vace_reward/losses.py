@@ -4,8 +4,10 @@ Notation: ``d = r_A - r_B`` is the score difference of a pair, ``target`` is P(A
 1 for "A", 0 for "B", 0.5 for "tie". All functions upcast to float32 and return the mean over
 the pairs (a scalar), so the loss does not depend on the batch size.
 
-Bradley-Terry (BT): ``P(A > B) = sigmoid(d)``. It has no tie outcome; a tie is the soft label
-0.5, whose loss ``-(log sigmoid(d) + log sigmoid(-d)) / 2`` is smallest at ``d = 0``.
+Bradley-Terry (BT): ``P(A > B) = sigmoid(d)``. It has no tie outcome. ``bt`` follows VideoAlign
+(``trainer.py``, ``loss_type == "bt"``): tied pairs get zero loss but still count in the mean over
+pairs. ``bt_soft`` instead trains a tie as the soft label 0.5, whose loss
+``-(log sigmoid(d) + log sigmoid(-d)) / 2`` is smallest at ``d = 0``.
 
 Bradley-Terry with ties (BTT, Rao & Kupper 1967): with a tie parameter ``theta > 1``,
 
@@ -28,6 +30,20 @@ TIE = 0.5
 
 
 def bradley_terry_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """VideoAlign's BT loss: ``-log sigmoid(r_preferred - r_other)`` on decisive pairs, 0 on ties,
+    summed and divided by the number of ALL pairs (ties included), as VideoAlign's masked mean.
+
+    Args:
+        reward_a, reward_b: ``(P,)`` scores of the two videos of each pair.
+        target: ``(P,)`` 1 (A preferred), 0 (B preferred) or 0.5 (tie).
+    """
+    outcome = _outcome_index(target)
+    d = reward_a.float() - reward_b.float()
+    preferred_margin = torch.where(outcome == 0, d, -d)
+    return (-F.logsigmoid(preferred_margin) * (outcome != 2)).mean()
+
+
+def soft_bradley_terry_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BT cross-entropy ``-[t log sigmoid(d) + (1 - t) log sigmoid(-d)]``, mean over pairs.
 
     Args:
@@ -79,13 +95,18 @@ def bradley_terry_ties_loss(reward_a: torch.Tensor, reward_b: torch.Tensor, targ
     return -log_probs.gather(-1, _outcome_index(target)[:, None]).mean()
 
 
+PREFERENCE_LOSSES = ("bt", "bt_soft", "btt")
+
+
 def preference_loss(name: str, reward_a, reward_b, target, theta: float = 5.0) -> torch.Tensor:
-    """``"bt"`` or ``"btt"``."""
+    """``"bt"`` (VideoAlign: ties masked), ``"bt_soft"`` (ties as 0.5) or ``"btt"``."""
     if name == "bt":
         return bradley_terry_loss(reward_a, reward_b, target)
+    if name == "bt_soft":
+        return soft_bradley_terry_loss(reward_a, reward_b, target)
     if name == "btt":
         return bradley_terry_ties_loss(reward_a, reward_b, target, theta)
-    raise ValueError(f"unknown loss {name!r}; use 'bt' or 'btt'")
+    raise ValueError(f"unknown loss {name!r}; use one of {PREFERENCE_LOSSES}")
 
 
 def pairwise_accuracy(reward_a: torch.Tensor, reward_b: torch.Tensor, target: torch.Tensor,

@@ -63,7 +63,8 @@ class RewardModelConfig:
         min_image_pixels / max_image_pixels: the same for each reference image.
         max_references: most reference images per sample.
         fps: frame rate assumed for in-memory frames (sets the temporal position spacing of the
-            video tokens; a file's own frame rate is used for video files).
+            video tokens; a file's own frame rate is used for video files). 10: upstream scores
+            rollouts written by diffusers' ``export_to_video``, whose default is 10 fps.
     """
 
     dimensions: list[str] = field(default_factory=lambda: ["SA"])
@@ -76,7 +77,7 @@ class RewardModelConfig:
     min_image_pixels: int = 4 * 28 * 28
     max_image_pixels: int = 399_360
     max_references: int = 4
-    fps: float = 16.0
+    fps: float = 10.0
 
     def __post_init__(self):
         if len(self.reward_tokens) not in (1, len(self.dimensions)):

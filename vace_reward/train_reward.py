@@ -30,10 +30,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from identity_grpo.models import looks_local
+from identity_grpo.tracking import append_jsonl
 from vace_reward.data import PreferencePair, read_preference_csv
 from vace_reward.inference import IdentityRewardScorer, PreparedSample, load_image
-from vace_reward.losses import pairwise_accuracy, preference_loss
-from vace_reward.model import IdentityRewardModel, atomic_save, new_reward_model
+from vace_reward.losses import PREFERENCE_LOSSES, pairwise_accuracy, preference_loss
+from vace_reward.model import (
+    REWARD_CONFIG_NAME,
+    UPSTREAM_CONFIG_NAME,
+    IdentityRewardModel,
+    atomic_save,
+    new_reward_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +59,9 @@ class TrainRewardConfig:
     init: str = ""
     # ... or a plain Qwen2.5-VL folder / hub id to start a new reward model from.
     base_model: str = ""
-    # "btt" (Bradley-Terry with ties) or "bt"; tie_theta is the Rao-Kupper tie parameter of "btt"
-    # (also used to predict ties when measuring accuracy).
+    # "btt" (Bradley-Terry with ties), "bt" (VideoAlign's: tied pairs masked out) or "bt_soft"
+    # (ties as the soft label 0.5); tie_theta is the Rao-Kupper tie parameter of "btt" (also used
+    # to predict ties when measuring accuracy).
     loss: str = "btt"
     tie_theta: float = 5.0
     # LoRA on the linear layers whose names contain none of lora_exclude.
@@ -85,16 +94,46 @@ class TrainRewardConfig:
     seed: int = 42
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming every unusable option (flag) and what to give instead;
+        called before any file is written or model loaded."""
+        errors = []
         if not self.train_csv:
-            raise ValueError("--train-csv is required")
+            errors.append("--train-csv is required")
         if bool(self.init) == bool(self.base_model):
-            raise ValueError("give exactly one of --init (a reward model) or --base-model (a plain Qwen2.5-VL)")
-        if self.loss not in ("bt", "btt"):
-            raise ValueError(f"--loss must be 'bt' or 'btt', got {self.loss!r}")
-        if self.loss == "btt" and self.tie_theta <= 1:
-            raise ValueError(f"--tie-theta must be > 1 for the btt loss, got {self.tie_theta}")
+            errors.append("give exactly one of --init (a reward model) or --base-model (a plain Qwen2.5-VL)")
+        elif self.init and not any((Path(self.init) / name).is_file() for name in (REWARD_CONFIG_NAME, UPSTREAM_CONFIG_NAME)):
+            what = "does not exist" if not Path(self.init).exists() else (
+                f"holds neither {REWARD_CONFIG_NAME} (standard layout) nor {UPSTREAM_CONFIG_NAME} (upstream layout)")
+            errors.append(f"--init {self.init!r} {what}; point it at a reward model folder")
+        elif self.base_model and looks_local(self.base_model) and not Path(self.base_model).is_dir():
+            errors.append(f"--base-model {self.base_model!r} does not exist (a local path, so no hub download is tried)")
+        if self.loss not in PREFERENCE_LOSSES:
+            errors.append(f"--loss must be one of {PREFERENCE_LOSSES}, got {self.loss!r}")
+        if self.loss == "btt" and not self.tie_theta > 1:
+            errors.append(f"--tie-theta must be > 1 for the btt loss, got {self.tie_theta}")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
+            errors.append("--batch-size and --gradient-accumulation-steps must be >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            errors.append(f"--mixed-precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        # `not x > 0` also catches NaN.
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            errors.append(f"--learning-rate must be a finite number > 0, got {self.learning_rate}")
+        for name in ("head_learning_rate", "vision_learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                errors.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("max_steps", "eval_every", "save_every", "num_frames", "max_frame_pixels", "num_workers"):
+            if getattr(self, name) < 0:
+                errors.append(f"--{name.replace('_', '-')} must be >= 0 (0 = default), got {getattr(self, name)}")
+        if self.num_epochs < 1 and self.max_steps == 0:
+            errors.append(f"--num-epochs must be >= 1 (or give --max-steps), got {self.num_epochs}")
+        if errors:
+            raise ValueError("invalid reward-training options:\n  - " + "\n  - ".join(errors))
 
 
 # ---------------------------------------------------------------------- data
@@ -226,7 +265,8 @@ def train(config: TrainRewardConfig) -> dict[str, float]:
     from accelerate.utils import set_seed
 
     config.validate()
-    # Validate the data before spending time on the model.
+    # Validate the data (every image decoded, every video header read) before the output folder
+    # is created and the model loads.
     train_pairs = read_preference_csv(config.train_csv)
     eval_pairs = read_preference_csv(config.eval_csv) if config.eval_csv else []
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -277,8 +317,7 @@ def train(config: TrainRewardConfig) -> dict[str, float]:
     def log(metrics: dict[str, float]) -> None:
         if accelerator.is_main_process:
             logger.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-            with open(output_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            append_jsonl(output_dir / "metrics.jsonl", {"step": step, **metrics})  # a NaN loss is written as null
 
     step, metrics = 0, {}
     if eval_loader is not None:

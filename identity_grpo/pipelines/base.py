@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from identity_grpo.schedules import set_timesteps
 from identity_grpo.sde import sde_step
 
 
@@ -92,10 +93,15 @@ class Rollouts:
         )
 
 
-def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """VAE output ``(B, 3, F, H, W)`` in [-1, 1] -> ``(B, F, H, W, 3)`` uint8, rounded."""
-    video = (video.float() / 2 + 0.5).clamp(0, 1)
-    return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+def frames_to_uint8(video: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+    """VAE output ``(B, 3, F, H, W)`` in [-1, 1] -> ``(B, F, H, W, 3)`` uint8, rounded to the
+    nearest level, or with ``truncate`` rounded down as upstream converts its rollouts
+    (``((video + 1) * 127.5).clamp(0, 255).to(torch.uint8)``: half a level darker on average)."""
+    if truncate:
+        video = ((video.float() + 1) * 127.5).clamp(0, 255)
+    else:
+        video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+    return video.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 
 
 class RolloutPipeline:
@@ -111,6 +117,15 @@ class RolloutPipeline:
 
     # Flow-GRPO-Fast's shared ODE prefix; a subclass sets False where it is not validated.
     supports_shared_prefix = True
+    # "installed": the scheduler's own sigma table; "v0.35": diffusers 0.35's table for flow UniPC
+    # schedulers, as upstream pins it (see identity_grpo.schedules; config.sample.sigma_table).
+    sigma_table = "installed"
+    # Solver of fully deterministic calls (evaluation, batch inference): "scheduler" (the
+    # scheduler's own step, e.g. Wan's 2nd-order UniPC, as the released pipelines sample) or
+    # "euler" (the first-order step the SDE reduces to at zero noise; upstream's evaluation).
+    ode_solver = "scheduler"
+    # Decoded frames to uint8 by truncation, as upstream (reward_model.mp4_roundtrip), not rounding.
+    truncate_frames = False
 
     def __init__(self, pipe, dtype: torch.dtype | None = None):
         self.pipe = pipe
@@ -190,9 +205,10 @@ class RolloutPipeline:
 
     # ------------------------------------------------------------------ 3. timesteps
     def schedule(self, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(timesteps (N,), sigmas (N + 1,))`` from the scheduler, copied so later
-        ``set_timesteps`` calls elsewhere cannot change a rollout's record."""
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        """``(timesteps (N,), sigmas (N + 1,))`` from the scheduler (its state reset, ready for its
+        own ``step``), copied so later ``set_timesteps`` calls elsewhere cannot change a rollout's
+        record. ``sigma_table`` picks the installed diffusers' table or diffusers 0.35's."""
+        set_timesteps(self.scheduler, num_inference_steps, self.sigma_table, device=self.device)
         sigmas = self.scheduler.sigmas.to(self.device, torch.float32).clone()
         timesteps = self.scheduler.timesteps.to(self.device).clone()
         if sigmas.numel() != timesteps.numel() + 1:
@@ -246,7 +262,7 @@ class RolloutPipeline:
         """Normalised video latents ``(B, z, F_lat, h, w)`` -> ``(B, F, H, W, 3)`` uint8 frames."""
         latents = latents.float() * self.latents_std + self.latents_mean
         video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return frames_to_uint8(video)
+        return frames_to_uint8(video, truncate=self.truncate_frames)
 
     def _decode_rollout(self, latents: torch.Tensor, num_references: int) -> torch.Tensor:
         """The final state of ``__call__`` -> ``(B, F, H, W, 3)`` uint8 frames."""
@@ -269,6 +285,7 @@ class RolloutPipeline:
         conditioning_scale: float = 1.0,
         group_ids: Sequence[int] | None = None,
         sde_steps: Sequence[int] | None = None,
+        record_steps: Sequence[int] | None = None,
         sde: SDEConfig | None = None,
         latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -278,9 +295,15 @@ class RolloutPipeline:
     ) -> tuple[Rollouts, torch.Tensor]:
         """Denoise a batch; return the transition record and the decoded ``(B, F, H, W, 3)`` uint8 frames.
 
-        ``sde_steps`` lists the step indices taken with the SDE (their log-probs are recorded);
-        all other steps are Euler ODE steps. ``None`` means every step; ``[]`` gives the
-        deterministic sampler (evaluation). ``latents``, if given, are the initial state shaped
+        ``sde_steps`` lists the step indices taken with the SDE; all other steps are deterministic.
+        ``None`` means every step; ``[]`` gives the deterministic sampler (evaluation), which
+        uses :attr:`ode_solver`: by default the scheduler's own ``step``, so the video equals the
+        stock pipeline's. Deterministic steps inside a stochastic rollout (window and fast modes)
+        are always Euler steps: the SDE is built around the Euler step (it is its zero-noise
+        limit), and a multistep solver's history would straddle the stochastic jumps.
+        ``record_steps`` (a subset of ``sde_steps``, default all of them) are the steps whose
+        transition and log-prob are recorded for training; upstream samples all 25 steps with the
+        SDE and records the first 24. ``latents``, if given, are the initial state shaped
         as :meth:`prepare_latents` makes it. ``generator`` drives the initial noise (unless
         ``latents`` is given) and the SDE noise, on the CPU so runs reproduce across devices.
 
@@ -306,6 +329,9 @@ class RolloutPipeline:
         # 3. timesteps
         timesteps, sigmas = self.schedule(num_inference_steps)
         sde_steps = sorted(set(range(num_inference_steps) if sde_steps is None else sde_steps))
+        record_steps = sorted(set(sde_steps if record_steps is None else record_steps))
+        if not set(record_steps) <= set(sde_steps):
+            raise ValueError(f"record_steps {record_steps} must be SDE steps (sde_steps {sde_steps})")
         sigma_max, sigma_min = float(sigmas[1]), float(sigmas[-1])
         # 4. latents
         if latents is None:
@@ -317,10 +343,14 @@ class RolloutPipeline:
             latents = self._shared_ode_prefix(latents, group_ids, first_step, timesteps, sigmas, prompt_embeds,
                                               negative, conditioning, guidance_scale, conditioning_scale)
         # 5. denoise
+        solver_steps = not sde_steps and self.ode_solver == "scheduler"
         record_latents, record_next, record_log_probs = [], [], []
         for index in tqdm(range(first_step, num_inference_steps), disable=not progress, desc="denoise", leave=False):
             noise_pred = self.guided_velocity(latents, timesteps[index], prompt_embeds, negative, conditioning,
                                             guidance_scale, conditioning_scale)
+            if solver_steps:
+                latents = self.scheduler.step(noise_pred, timesteps[index], latents, return_dict=False)[0].float()
+                continue
             stochastic = index in sde_steps
             noise = None
             if stochastic:
@@ -330,9 +360,11 @@ class RolloutPipeline:
                 noise_level=sde.noise_level, sigma_max=sigma_max, sigma_min=sigma_min, noise=noise,
                 deterministic=not stochastic,
             )
-            if stochastic:
+            if index in record_steps:
                 if out.log_prob is None:
-                    raise ValueError(f"SDE step {index} has zero noise; raise sample.noise_level or drop the step")
+                    raise ValueError(f"SDE step {index} has zero noise, so it cannot be trained; leave it out of "
+                                     "the trained steps (its std is 0 whatever sample.noise_level is, e.g. the "
+                                     "final step of a 1-step schedule or of CPS)")
                 record_latents.append(latents)
                 record_next.append(out.prev_sample)
                 record_log_probs.append(out.log_prob)
@@ -343,12 +375,12 @@ class RolloutPipeline:
         def stack(items, dim=1):
             return torch.stack(items, dim=dim) if items else torch.empty(batch, 0, device=self.device)
 
-        steps = torch.tensor(sde_steps, dtype=torch.long)
+        steps = torch.tensor(record_steps, dtype=torch.long)
         rollouts = Rollouts(
             latents=stack(record_latents), next_latents=stack(record_next), log_probs=stack(record_log_probs),
-            timesteps=timesteps[steps.to(timesteps.device)] if len(sde_steps) else timesteps[:0],
-            sigmas=sigmas[steps.to(sigmas.device)] if len(sde_steps) else sigmas[:0],
-            sigmas_next=sigmas[(steps + 1).to(sigmas.device)] if len(sde_steps) else sigmas[:0],
+            timesteps=timesteps[steps.to(timesteps.device)] if len(record_steps) else timesteps[:0],
+            sigmas=sigmas[steps.to(sigmas.device)] if len(record_steps) else sigmas[:0],
+            sigmas_next=sigmas[(steps + 1).to(sigmas.device)] if len(record_steps) else sigmas[:0],
             step_indices=steps, conditioning=conditioning, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
             group_ids=torch.as_tensor(list(group_ids) if group_ids is not None else range(batch), dtype=torch.long),

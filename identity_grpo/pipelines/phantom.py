@@ -49,11 +49,16 @@ DEFAULT_FLOW_SHIFT = 5.0
 
 def fit_on_white_canvas(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """``(3, height, width)`` float32 in [-1, 1]: ``image`` resized with its aspect kept to fit the
-    canvas, centred on white (Phantom's reference preprocessing)."""
+    canvas, centred on white, by the official Phantom rule (``generate.py``, ``load_ref_images``):
+    the side that fills the canvas is set, the other is TRUNCATED with ``int()``, LANCZOS, and the
+    left/top padding is the floor half of the remainder."""
     image = image.convert("RGB")
-    scale = min(height / image.height, width / image.width)
-    new_height = max(1, min(height, round(image.height * scale)))
-    new_width = max(1, min(width, round(image.width * scale)))
+    ratio = image.width / image.height
+    if ratio > width / height:  # wider than the canvas: fill the width
+        new_width, new_height = width, int(width / ratio)
+    else:
+        new_width, new_height = int(height * ratio), height
+    new_width, new_height = max(1, new_width), max(1, new_height)
     resized = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     canvas.paste(resized, ((width - new_width) // 2, (height - new_height) // 2))

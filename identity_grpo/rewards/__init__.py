@@ -96,16 +96,41 @@ class CombinedReward:
                 value = torch.as_tensor(value).detach().float().cpu().reshape(-1)
                 if value.shape[0] != batch:
                     raise ValueError(f"reward {name!r} key {key!r}: expected {batch} scores, got {value.shape[0]}")
-                if key == name and not bool(torch.isfinite(value).all()):
+                # Every key, not only the weighted one: sub-scores feed composite modes and logs.
+                if not bool(torch.isfinite(value).all()):
                     bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
                     raise FloatingPointError(
-                        f"reward {name!r} returned NaN/inf for samples {bad} (prompts: "
+                        f"reward {name!r} returned NaN/inf in key {key!r} for samples {bad} (prompts: "
                         f"{[inputs.prompts[i][:60] for i in bad]}); fix the reward or its inputs"
                     )
                 scores[key] = value
             total += self.weights[name] * scores[name]
         scores["total"] = total
         return scores, seconds
+
+
+def registered_rewards() -> tuple[list[str], dict[str, str]]:
+    """The names of the built-in and registered rewards, and for each built-in that could not be
+    registered (missing optional dependency) the import error. Builds nothing."""
+    # Importing the modules registers the built-in rewards.
+    from identity_grpo.rewards import composite, facesim, pixel  # noqa: F401
+
+    unavailable = {}
+    try:
+        from identity_grpo.rewards import identity  # noqa: F401
+    except ImportError as error:  # the identity reward's optional dependencies are missing
+        unavailable["identity"] = str(error)
+    return sorted(REGISTRY), unavailable
+
+
+def unknown_reward_error(names) -> str | None:
+    """Why some of ``names`` cannot be built (unknown or unavailable), or None."""
+    known, unavailable = registered_rewards()
+    problems = [f"{name!r} needs a package that is missing ({unavailable[name]})" for name in names if name in unavailable]
+    unknown = sorted(set(names) - set(known) - set(unavailable))
+    if unknown:
+        problems.append(f"unknown reward(s) {unknown}; registered: {known}")
+    return "config.reward_fn: " + "; ".join(problems) if problems else None
 
 
 def build_reward_fn(config, device: torch.device) -> CombinedReward:
@@ -115,18 +140,13 @@ def build_reward_fn(config, device: torch.device) -> CombinedReward:
     reward's ``total`` is that composite instead of the weighted sum (see
     :mod:`identity_grpo.rewards.composite`).
     """
-    from identity_grpo.rewards import composite, facesim, pixel  # noqa: F401  (register the built-in rewards)
+    from identity_grpo.rewards import composite
 
-    try:
-        from identity_grpo.rewards import identity  # noqa: F401
-    except ImportError:  # the identity reward's optional dependencies are missing
-        pass
     weights = dict(config.reward_fn)
     if not weights:
         raise ValueError("config.reward_fn is empty; name at least one reward, e.g. {'ref_similarity': 1.0}")
-    unknown = sorted(set(weights) - set(REGISTRY))
-    if unknown:
-        raise ValueError(f"config.reward_fn names unknown reward(s) {unknown}; registered: {sorted(REGISTRY)}")
+    if error := unknown_reward_error(weights):
+        raise ValueError(error)
     combined = CombinedReward({name: REGISTRY[name](config, device) for name in weights}, weights)
     if composite.combination_mode(config) != "sum":
         return composite.CompositeReward(combined, config)
