@@ -30,8 +30,10 @@ from identity_grpo.configuration import validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.loop import evaluate, make_unique_dir, write_video
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
+from identity_grpo.report import write_report
 from identity_grpo.rewards import build_reward_fn
-from identity_grpo.rewards.facesim import FaceSimScorer, facesim_columns
+from identity_grpo.rewards.copy_paste import copy_paste_columns, copy_paste_scorer
+from identity_grpo.rewards.facesim import FaceSimScorer, backend_configured, facesim_columns
 from identity_grpo.tracking import init_logging, write_json
 
 FLAGS = flags.FLAGS
@@ -52,19 +54,16 @@ def copy_references(dataset: ReferenceVideoDataset, index: int, out_dir: Path) -
     return copies
 
 
-def facesim_configured(config) -> bool:
-    """Whether ``config.facesim`` names a usable backend: the tiny stand-in or an ArcFace model file."""
-    options = config.get("facesim") or {}
-    return options.get("backend", "insightface") == "tiny" or bool(options.get("embedder_path", ""))
-
-
 def facesim_scores(scorer: FaceSimScorer | None, dataset, rows: list[dict]) -> None:
-    """Add the FaceSim-Arc columns to every row in place (no-op without a scorer)."""
+    """Add the FaceSim columns (named by the backend: FaceSim-Arc, FaceSim-dlib, ...) and the
+    copy-paste diagnostic's columns to every row in place (no-op without a scorer)."""
     if scorer is None:
         return
+    copy_paste = copy_paste_scorer(scorer)
     for row in rows:
-        scores = scorer.score(row["frames"][None], [dataset.load_references(row["index"])])
-        row.update(facesim_columns(scores)[0])
+        frames, references = row["frames"][None], [dataset.load_references(row["index"])]
+        row.update(facesim_columns(scorer.score(frames, references), scorer.metric_name)[0])
+        row.update(copy_paste_columns(copy_paste.score(frames, references))[0])
 
 
 def generate_variant(name, pipeline, dataset, reward_fn, scorer, config, accelerator, out_dir: Path,
@@ -145,7 +144,7 @@ def run_inference(config, config_name: str = "") -> Path:
         logger.info("LoRA loaded from %s", lora_path)
     pipeline.transformer.eval()
     reward_fn = build_reward_fn(config, accelerator.device)
-    scorer = FaceSimScorer.from_config(config, accelerator.device) if facesim_configured(config) else None
+    scorer = FaceSimScorer.from_config(config, accelerator.device) if backend_configured(config) else None
 
     parent = config.get("test_save_dir", "") or config.logdir
     out_dir = make_unique_dir(parent, f"test_{config.run_name or 'run'}", accelerator)
@@ -168,6 +167,8 @@ def run_inference(config, config_name: str = "") -> Path:
         raise
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if config.get("report", True) and accelerator.is_main_process:
+        logger.info("report: %s", write_report([out_dir]))  # the base vs LoRA gallery (docs/report.md)
     return out_dir
 
 

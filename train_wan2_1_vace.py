@@ -1,16 +1,19 @@
-"""GRPO post-training of Wan2.1-VACE for identity preservation (Identity-GRPO).
+"""Online RL post-training of Wan2.1-VACE / Phantom for identity preservation (Identity-GRPO).
 
     accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml \
         train_wan2_1_vace.py --config config/dgx.py:vace [--config.train.beta=0.01 ...]
 
-Each epoch: sample K videos per drawn (prompt, references) item with the SDE sampler ->
-score them -> group-normalised advantages -> clipped GRPO update of the LoRA weights.
+Each epoch: sample K videos per drawn (prompt, references) item -> score them ->
+group-normalised advantages -> update the LoRA weights. ``config.algorithm`` picks the sampler
+and the update: "grpo" (SDE rollouts, clipped ratio on the recorded steps) or "nft"
+(DiffusionNFT: the old-policy adapter samples deterministically, the clean latents are
+re-noised and trained with the positive/negative velocity loss); everything else is shared.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +38,11 @@ from identity_grpo.configuration import num_train_steps, validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.ema import ema_repeats, ema_update
 from identity_grpo.grpo import grpo_loss
+from identity_grpo.nft import draw_timesteps, nft_loss, old_policy_decay, optimality_probability
+from identity_grpo.old_policy import OLD, active_adapter, add_old_policy, old_policy_state, update_old_policy
 from identity_grpo.loop import (
     evaluate,
+    log_eval_videos,
     log_rollout_videos,
     make_unique_dir,
     mean_stats,
@@ -46,6 +52,7 @@ from identity_grpo.loop import (
 )
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
 from identity_grpo.pipelines.vace import Rollouts
+from identity_grpo.report import write_report
 from identity_grpo.rewards import RewardInputs, build_reward_fn
 from identity_grpo.rewards.composite import epoch_advantages
 from identity_grpo.sampling import KRepeatSampler
@@ -117,6 +124,8 @@ def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[
     metrics = {f"reward/{key}": float(value.mean()) for key, value in rewards.items()}
     metrics.update({f"reward/{name}/seconds": sum(b.reward_seconds[name] for b in batches)
                     for name in batches[0].reward_seconds})
+    # The spread of the rollouts' rewards: the band around the mean in the report's reward curves.
+    metrics.update({f"reward/{key}/std": float(value.float().std(correction=0)) for key, value in rewards.items()})
     metrics.update(result.metrics)
     # 1.0: no sample has anything to learn this epoch (train() warns and records it in the summary).
     metrics["reward/zero_advantage_fraction"] = float((advantages == 0).float().mean())
@@ -144,28 +153,73 @@ def step_loss(config, accelerator, pipeline, transformer, rollouts, advantages, 
                      clip_range=config.train.clip_range, kl=kl, beta=config.train.beta)
 
 
+def nft_step_loss(config, accelerator, pipeline, transformer, rollouts, advantages, timestep, noise):
+    """``(loss, stats)`` of DiffusionNFT for the batch's clean latents re-noised at ``timestep``
+    ``(B,)`` with ``noise``: velocities of the old adapter (no grad), the trained one and, when
+    ``train.beta > 0``, the frozen base (adapter disabled). Conditional velocities only (no CFG),
+    as DiffusionNFT trains."""
+    x0 = rollouts.final_latents
+    timestep = timestep.to(x0.device)
+    t = timestep.float() / pipeline.scheduler.config.num_train_timesteps
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    x_t = (1 - t.view(shape)) * x0 + t.view(shape) * noise.to(x0.device)
+    peft_model = accelerator.unwrap_model(transformer)
+
+    def velocity(model):
+        return pipeline.guided_velocity(x_t, timestep, rollouts.prompt_embeds, None, rollouts.conditioning, 1.0,
+                                        config.sample.conditioning_scale, transformer=model)
+
+    with torch.no_grad(), active_adapter(peft_model, OLD):
+        v_old = velocity(peft_model)
+    v_theta = velocity(transformer)
+    v_ref = None
+    if config.train.beta > 0:
+        with torch.no_grad(), peft_model.disable_adapter():
+            v_ref = velocity(peft_model)
+    return nft_loss(v_theta, v_old, x_t, x0, t, optimality_probability(advantages, config.train.adv_clip_max),
+                    nft_beta=config.nft.beta, adv_clip_max=config.train.adv_clip_max, v_ref=v_ref,
+                    kl_weight=config.train.beta)
+
+
+def update_inputs(config, pipeline, batch, generator):
+    """What one sampling batch trains on: ``(rollouts, advantages, loss_scale, losses)``, where
+    ``losses(unit)`` gives the arguments that differ between its backward passes (GRPO: the
+    recorded step; NFT: a timestep per sample and fresh noise, drawn from ``generator``)."""
+    rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
+    if config.algorithm == "grpo":
+        keep = update_mask(batch.advantages, batch.constant_group, config.train.filter_zero_advantage)
+        if not bool(keep.all()):
+            keep = keep.nonzero().flatten()
+            if len(keep):
+                rollouts, advantages = rollouts.select(keep.to(rollouts.latents.device)), advantages[keep]
+            else:  # nothing to learn here, but every rank must make the same backward calls
+                loss_scale = 0.0
+        return rollouts, advantages, loss_scale, lambda unit: (unit,)
+    sampler_timesteps = pipeline.schedule(config.sample.num_steps)[0] if config.nft.timestep_sampling == "sampler" else None
+    timesteps = draw_timesteps(config.nft.timestep_sampling, num_train_steps(config), rollouts.batch_size,
+                               sampler_timesteps=sampler_timesteps,
+                               num_train_timesteps=pipeline.scheduler.config.num_train_timesteps, generator=generator)
+    return rollouts, advantages, loss_scale, lambda unit: (
+        timesteps[unit], torch.randn(rollouts.final_latents.shape, generator=generator))
+
+
 def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, ema, batches) -> int:
-    """One pass (per inner epoch) over the sampled batches: every recorded SDE step of every
-    rollout is re-scored under the current LoRA and contributes one backward pass."""
+    """One pass (per inner epoch) over the sampled batches. GRPO: every recorded SDE step of every
+    rollout is re-scored under the current LoRA; NFT: every clean sample is re-noised at
+    ``num_train_steps`` timesteps. Each is one backward pass."""
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     generator = seeded_generator(config.seed, "shuffle", epoch, accelerator.process_index)
+    loss_fn = step_loss if config.algorithm == "grpo" else nft_step_loss
     stats = []
     for inner in range(config.train.num_inner_epochs):
         order = torch.randperm(len(batches), generator=generator).tolist()
         bar = tqdm(order, desc=f"epoch {epoch}.{inner}: training", disable=not accelerator.is_local_main_process)
         for batch_index in bar:
-            batch = batches[batch_index]
-            rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
-            keep = update_mask(batch.advantages, batch.constant_group, config.train.filter_zero_advantage)
-            if not bool(keep.all()):
-                keep = keep.nonzero().flatten()
-                if len(keep):
-                    rollouts, advantages = rollouts.select(keep.to(rollouts.latents.device)), advantages[keep]
-                else:  # nothing to learn here, but every rank must make the same backward calls
-                    loss_scale = 0.0
-            for step in range(rollouts.num_steps):
+            rollouts, advantages, loss_scale, unit_args = update_inputs(config, pipeline, batches[batch_index], generator)
+            for unit in range(num_train_steps(config)):
                 with accelerator.accumulate(transformer), accelerator.autocast():
-                    loss, step_stats = step_loss(config, accelerator, pipeline, transformer, rollouts, advantages, step)
+                    loss, step_stats = loss_fn(config, accelerator, pipeline, transformer, rollouts, advantages,
+                                               *unit_args(unit))
                     accelerator.backward(loss * loss_scale)
                     if accelerator.sync_gradients:
                         step_stats["grad_norm"] = torch.as_tensor(
@@ -180,8 +234,7 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                     metrics = {f"train/{k}": v for k, v in mean_stats(stats, accelerator).items()}
                     metrics["epoch"] = epoch
                     accelerator.log(metrics, step=global_step)
-                    bar.set_postfix(loss=f"{metrics['train/policy_loss']:.4f}",
-                                    clipfrac=f"{metrics['train/clipfrac']:.2f}")
+                    bar.set_postfix(loss=f"{metrics['train/policy_loss']:.4f}")
                     global_step += 1
                     stats = []
     return global_step
@@ -247,6 +300,9 @@ def train(config) -> dict:
     dtype = DTYPES[config.mixed_precision]
     pipeline = load_rollout_pipeline(config, accelerator.device, dtype)
     transformer = add_lora(pipeline.transformer, config)
+    forward_process = config.algorithm != "grpo"
+    if forward_process:
+        add_old_policy(transformer)  # the sampling policy: a frozen copy, EMA'd after every epoch
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     pipeline.transformer = transformer
@@ -260,7 +316,8 @@ def train(config) -> dict:
     ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     first_epoch, global_step = 0, 0
     if resume is not None:
-        state = load_checkpoint(resume, peft_model=accelerator.unwrap_model(transformer), optimizer=optimizer, ema=ema)
+        state = load_checkpoint(resume, peft_model=accelerator.unwrap_model(transformer), optimizer=optimizer, ema=ema,
+                                old_policy=forward_process)
         first_epoch, global_step = state["epoch"], state["global_step"]
         # Only once the checkpoint has loaded into this model: a failed resume moves nothing.
         if accelerator.is_main_process:
@@ -276,10 +333,10 @@ def train(config) -> dict:
 
     videos_per_epoch = config.sample.train_batch_size * accelerator.num_processes * config.sample.num_batches_per_epoch
     logger.info(
-        "***** GRPO *****\n  processes = %d\n  videos per sampling batch (all ranks) = %d\n  groups per epoch = %d "
+        "***** %s *****\n  processes = %d\n  videos per sampling batch (all ranks) = %d\n  groups per epoch = %d "
         "(K = %d)\n  videos per epoch = %d\n  trained steps per video = %d of %d\n  optimizer steps per epoch = %d"
         "\n  train rows = %d, test rows = %d",
-        accelerator.num_processes, config.sample.train_batch_size * accelerator.num_processes,
+        config.algorithm.upper(), accelerator.num_processes, config.sample.train_batch_size * accelerator.num_processes,
         videos_per_epoch // config.sample.num_image_per_prompt, config.sample.num_image_per_prompt,
         videos_per_epoch, train_steps, config.sample.num_steps,
         config.sample.num_batches_per_epoch // config.train.gradient_accumulation_steps * config.train.num_inner_epochs,
@@ -292,13 +349,16 @@ def train(config) -> dict:
     for epoch in range(first_epoch, config.num_epochs):
         if config.eval_freq and epoch % config.eval_freq == 0:
             with ema_weights(ema, trainable):
-                means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+                means, rows = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+            if first_eval is None:  # the "before" videos of the report's gallery
+                log_eval_videos(run_dir / "eval" / f"epoch_{epoch:05d}", rows, test_set, config.video_fps)
             first_eval = first_eval or means
             accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
             logger.info("epoch %d eval: %s", epoch, means)
 
         transformer.eval()
-        batches = sample_epoch(epoch, config, accelerator, pipeline, train_set, sampler, reward_fn, executor)
+        with active_adapter(accelerator.unwrap_model(transformer), OLD) if forward_process else nullcontext():
+            batches = sample_epoch(epoch, config, accelerator, pipeline, train_set, sampler, reward_fn, executor)
         reward_metrics = assign_advantages(batches, config, accelerator)
         accelerator.log({**reward_metrics, "epoch": epoch}, step=global_step)
         logger.info("epoch %d rewards: %s", epoch, reward_metrics)
@@ -310,18 +370,23 @@ def train(config) -> dict:
                 "(reward/<name> in the log) and that their weights are not 0", epoch, reward_metrics["reward/num_groups"])
         if accelerator.is_main_process and config.log_videos_freq and epoch % config.log_videos_freq == 0:
             log_rollout_videos(run_dir / "videos" / f"epoch_{epoch:05d}", batches[0].inputs, batches[0].rewards,
-                               config.log_videos_count, config.video_fps)
+                               config.log_videos_count, config.video_fps, accelerator=accelerator, step=global_step)
         if accelerator.is_main_process:
             append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, "step": global_step, **reward_metrics})
 
         transformer.train()
         global_step = train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, optimizer, ema,
                                   batches)
+        if forward_process:
+            update_old_policy(accelerator.unwrap_model(transformer),
+                              old_policy_decay(global_step, config.nft.old_policy_decay_type))
         if config.save_freq and (epoch + 1) % config.save_freq == 0:
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, epoch=epoch + 1, global_step=global_step, optimizer=optimizer, ema=ema,
                                 peft_model=accelerator.unwrap_model(transformer),
-                                limit=config.num_checkpoint_limit)
+                                limit=config.num_checkpoint_limit,
+                                old_policy=old_policy_state(accelerator.unwrap_model(transformer))
+                                if forward_process else None)
             accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- finish
@@ -335,7 +400,8 @@ def train(config) -> dict:
                 with ema_weights(ema, trainable):
                     save_lora(accelerator.unwrap_model(transformer), run_dir / "ema")
     with ema_weights(ema, trainable):
-        means, _ = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+        means, rows = evaluate(pipeline, test_set, reward_fn, config, accelerator)
+    log_eval_videos(run_dir / "eval" / f"epoch_{config.num_epochs:05d}", rows, test_set, config.video_fps)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
     summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means, "lora_checksums": checksums,
                # Epochs whose update had nothing to learn from (warned about when they ran).
@@ -351,6 +417,9 @@ def train(config) -> dict:
         logger.info("LoRA and summary written to %s", run_dir)
     executor.shutdown()
     accelerator.end_training()
+    # After end_training, which flushes and closes the tracker files the report reads.
+    if config.report and accelerator.is_main_process:
+        logger.info("report: %s", write_report([run_dir]))
     return summary
 
 

@@ -267,6 +267,10 @@ def build_training_parts(config, size: Size = TINY) -> TrainingParts:
     pipeline = VaceRolloutPipeline(pipe, dtype=dtype)
     base_transformer = pipeline.transformer
     transformer = add_lora(pipeline.transformer, config)
+    if config.get("algorithm", "grpo") != "grpo":
+        from identity_grpo.old_policy import add_old_policy
+
+        add_old_policy(transformer)
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     pipeline.transformer = transformer

@@ -16,14 +16,15 @@ import math
 import common
 
 
-def sde_steps_of(config, step: int) -> list[int]:
-    """The SDE steps of sampling step ``step``; falls back to the first ``num_train_steps``."""
+def trained_steps_of(config, step: int) -> list[int]:
+    """The recorded (trained) steps of sampling step ``step``; falls back to the first
+    ``num_train_steps`` on versions without ``trained_step_indices``."""
     try:
-        from identity_grpo.configuration import sde_step_indices
+        from identity_grpo.configuration import trained_step_indices
     except ImportError:
-        sde_step_indices = None
-    if sde_step_indices is not None:
-        return sde_step_indices(config, step)
+        trained_step_indices = None
+    if trained_step_indices is not None:
+        return trained_step_indices(config, step)
     return list(range(max(1, math.floor(config.sample.num_steps * config.train.timestep_fraction))))
 
 
@@ -38,9 +39,11 @@ def analytic(config, mode: str, groups_per_batch: int = 1) -> dict[str, int]:
     batch, steps, batches = sample.train_batch_size, sample.num_steps, sample.num_batches_per_epoch
     cfg = 2 if sample.guidance_scale > 1.0 else 1
     reference = 1 if train.beta > 0 else 0
+    if config.get("algorithm", "grpo") != "grpo":
+        return _forward_process_counts(config, batch, steps, batches, cfg, reference)
     window = sample.get("sde_window_size", 0)
     fast = sample.get("fast_branch", False)
-    trained = [len(sde_steps_of(config, b)) for b in range(batches)]
+    trained = [len(trained_steps_of(config, b)) for b in range(batches)]
     if mode == "upstream":
         rollout_calls = batches * steps * cfg
         rollout_elements = rollout_calls * batch
@@ -54,14 +57,35 @@ def analytic(config, mode: str, groups_per_batch: int = 1) -> dict[str, int]:
         if fast and window:
             rollout_elements = sum(
                 cfg * (start * groups_per_batch + (steps - start) * batch)
-                for start in (sde_steps_of(config, b)[0] for b in range(batches)))
+                for start in (trained_steps_of(config, b)[0] for b in range(batches)))
         else:
             rollout_elements = rollout_calls * batch * cfg
         train_calls = sum(trained) * (1 + reference) * train.num_inner_epochs
         train_elements = train_calls * batch * cfg
+    # One backward pass per trained step, on the policy's elements (the KL reference has none).
+    backward_elements = train_elements // (1 + reference)
+    return _with_totals(rollout_calls, rollout_elements, train_calls, train_elements, backward_elements)
+
+
+def _forward_process_counts(config, batch, steps, batches, cfg, reference) -> dict[str, int]:
+    """DiffusionNFT: deterministic rollouts (one call per step, CFG only if guidance > 1); per
+    trained timestep three conditional calls (old adapter, policy, and the frozen base when
+    ``train.beta > 0``) and one backward pass of the policy."""
+    from identity_grpo.configuration import num_train_steps
+
+    timesteps = num_train_steps(config) * config.train.num_inner_epochs
+    rollout_calls = batches * steps
+    train_calls = batches * timesteps * (2 + reference)
+    return _with_totals(rollout_calls, rollout_calls * batch * cfg, train_calls, train_calls * batch,
+                        batches * timesteps * batch)
+
+
+def _with_totals(rollout_calls, rollout_elements, train_calls, train_elements, backward_elements) -> dict[str, int]:
+    """Adds totals and forward-equivalents (batch elements of forward calls, a backward pass counting 2)."""
     return {"rollout_calls": rollout_calls, "rollout_elements": rollout_elements, "train_calls": train_calls,
             "train_elements": train_elements, "total_calls": rollout_calls + train_calls,
-            "total_elements": rollout_elements + train_elements}
+            "total_elements": rollout_elements + train_elements,
+            "forward_equivalents": rollout_elements + train_elements + 2 * backward_elements}
 
 
 def variants(window_size: int) -> dict[str, object]:
@@ -80,6 +104,8 @@ def variants(window_size: int) -> dict[str, object]:
     else:
         out[f"window {window_size}"] = None
         out[f"fast (window {window_size})"] = None
+    if "algorithm" in common.preset("vace"):
+        out["vace_nft preset"] = common.preset("vace_nft")
     return out
 
 
@@ -89,9 +115,11 @@ def main() -> None:
     args = parser.parse_args()
     common.setup(args)
     configs = variants(args.window)
-    keys = ["rollout_calls", "rollout_elements", "train_calls", "train_elements", "total_calls", "total_elements"]
+    keys = ["rollout_calls", "rollout_elements", "train_calls", "train_elements", "total_calls", "total_elements",
+            "forward_equivalents"]
 
-    print("\nANALYTIC, real vace preset per rank: 8 sampling batches x 4 videos, 25 steps, CFG 4.5, beta 0.004")
+    print("\nANALYTIC, real presets per rank: 8 sampling batches x 4 videos; vace: 25 steps, CFG 4.5, beta 0.004; "
+          "vace_nft: 10 deterministic steps, CFG-free, 9 trained timesteps, beta 1e-4")
     rows = []
     for name, config in configs.items():
         if config is None:

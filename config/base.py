@@ -51,9 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.video_fps = 16
     config.eval_baseline = False
     # Every this many epochs, write the first log_videos_count rollouts of the epoch (mp4 with
-    # their references and rewards) to <run>/videos/epoch_<n>/ (0 disables).
+    # their references and rewards) to <run>/videos/epoch_<n>/ and send them to the trackers
+    # (tensorboard: a frame-grid image; wandb: the videos) (0 disables).
     config.log_videos_freq = 10
     config.log_videos_count = 4
+    # At the end of a run (train and test scripts), write <run>/report.html: reward curves, the
+    # before/after video gallery with references and scores, the config (docs/report.md).
+    config.report = True
     # diffusers attention backend of the transformer ("flash", "native", "_native_cudnn", ...).
     # Empty: "flash" when flash-attn is importable on CUDA, else "native" (PyTorch SDPA).
     config.attention_backend = ""
@@ -150,6 +154,25 @@ def get_config() -> ml_collections.ConfigDict:
     sample.fast_branch = False
     # Give every member of a group the same initial noise (exploration then comes from the SDE).
     sample.same_latent = False
+
+    # ---------------------------------------------------------------- algorithm
+    # The update: "grpo" (Flow-GRPO / Identity-GRPO: SDE rollouts, recorded log-probs, clipped
+    # importance ratio) or "nft" (DiffusionNFT: the old policy samples deterministically with the
+    # eval solver, only the clean latents are kept, and training re-noises them; identity_grpo/nft.py).
+    config.algorithm = "grpo"
+    config.nft = nft = ml_collections.ConfigDict()
+    # DiffusionNFT's beta: v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v (1.0; 0.1
+    # for several rewards in its paper). Smaller is faster but less stable.
+    nft.beta = 1.0
+    # Timesteps trained per sample (0: floor(sample.num_steps * train.timestep_fraction), as DiffusionNFT).
+    nft.num_timesteps = 0
+    # Where they come from: "sampler" (the sampling schedule's own timesteps, shuffled per sample,
+    # as DiffusionNFT), "uniform" or "logit_normal" (t = sigmoid(N(0, 1))).
+    nft.timestep_sampling = "sampler"
+    # Old (sampling) policy after each epoch: decay * old + (1 - decay) * trained, DiffusionNFT's
+    # schedules: 0 (copy), 1 (min(0.001 step, 0.5), its default), 2 (0 for 75 steps, then
+    # min(0.0075 (step - 75), 0.999)).
+    nft.old_policy_decay_type = 1
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()

@@ -142,8 +142,53 @@ def phantom_tiny():
     return _phantom_sampling(config)
 
 
+def _nft(config):
+    """DiffusionNFT's settings (its config/nft.py) on top of a preset: 10-step deterministic
+    collection with the second-order solver, CFG-free, beta 1.0, 9 of the 10 sampler timesteps
+    trained per sample, old policy decay type 1, KL weight 1e-4."""
+    config.algorithm = "nft"
+    config.sample.num_steps = 10
+    config.sample.guidance_scale = 1.0
+    config.sample.eval_solver = "scheduler"
+    config.nft.beta = 1.0
+    config.nft.num_timesteps = 0  # floor(10 * 0.99) = 9
+    config.nft.timestep_sampling = "sampler"
+    config.nft.old_policy_decay_type = 1
+    config.train.timestep_fraction = 0.99
+    config.train.beta = 1e-4
+    return config
+
+
+def vace_nft():
+    """``vace`` trained with DiffusionNFT instead of GRPO (same data, reward, sizes, LoRA)."""
+    config = _nft(vace())
+    config.run_name = "vace_nft"
+    config.train.learning_rate = 3e-4  # DiffusionNFT's
+    return config
+
+
+def phantom_nft():
+    """``phantom`` trained with DiffusionNFT; Phantom's three-branch guidance is off (CFG-free)."""
+    config = _nft(phantom())
+    config.run_name = "phantom_nft"
+    config.train.learning_rate = 3e-4
+    return config
+
+
+def tiny_nft():
+    """``tiny`` with DiffusionNFT: 4-step deterministic collection, CFG-free."""
+    config = _nft(tiny())
+    config.run_name = "tiny_nft"
+    config.sample.num_steps = 4
+    config.sample.eval_num_steps = 4
+    config.sample.eval_sde = False
+    config.train.beta = 0.0
+    return config
+
+
 def get_config(name):
-    presets = {"vace": vace, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny}
+    presets = {"vace": vace, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
+               "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()

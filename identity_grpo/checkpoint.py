@@ -58,7 +58,9 @@ def save_lora(peft_model, folder: Path, pipeline_class=None) -> None:
     with the adapter config as metadata so alpha survives)."""
     if pipeline_class is None:
         from diffusers import WanVACEPipeline as pipeline_class
-    peft_model.save_pretrained(folder / "lora")
+    # Only the trained adapter: the forward-process objectives' "old" adapter is checkpoint state
+    # (old_policy.pt), not part of the result.
+    peft_model.save_pretrained(folder / "lora", selected_adapters=["default"])
     config = peft_model.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     pipeline_class.save_lora_weights(
@@ -101,7 +103,8 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def save_checkpoint(run_dir: Path, *, epoch: int, global_step: int, peft_model, optimizer, ema=None,
-                    limit: int = 0, extra_state: dict | None = None) -> Path:
+                    limit: int = 0, extra_state: dict | None = None,
+                    old_policy: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoint-<epoch>`` atomically (main process only); keep the newest ``limit``.
 
     A failed write (e.g. a full disk) removes the temporary folder and raises ``OSError`` naming
@@ -118,6 +121,8 @@ def save_checkpoint(run_dir: Path, *, epoch: int, global_step: int, peft_model, 
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             if ema is not None:
                 torch.save(ema.state_dict(), staging / "ema.pt")
+            if old_policy is not None:
+                torch.save(old_policy, staging / "old_policy.pt")
             state = {"epoch": epoch, "global_step": global_step, "run_name": Path(run_dir).name, **(extra_state or {})}
             (staging / "state.json").write_text(json.dumps(state, indent=2))
     except BaseException:
@@ -197,7 +202,7 @@ def verify_checkpoint(path: Path) -> dict:
                 raise ValueError("no tensors")
         except Exception as error:  # safetensors raises its own SafetensorError
             raise unreadable(name, error) from error
-    for name, weights_only in (("optimizer.pt", True), ("ema.pt", False)):
+    for name, weights_only in (("optimizer.pt", True), ("ema.pt", False), ("old_policy.pt", True)):
         if (path / name).is_file():
             try:
                 torch.load(path / name, map_location="cpu", weights_only=weights_only)
@@ -236,8 +241,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"resume_from={str(path)!r}: no usable checkpoint:\n  " + "\n  ".join(problems))
 
 
-def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None) -> dict:
-    """Restore LoRA, optimizer and EMA from a checked checkpoint; returns its ``state.json``."""
+def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None, old_policy: bool = False) -> dict:
+    """Restore LoRA, optimizer, EMA and (``old_policy``) the forward-process objectives' old
+    adapter from a checked checkpoint; returns its ``state.json``."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -263,5 +269,12 @@ def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None) -> dict:
         # EMAModel.load_state_dict keeps the loaded (CPU) tensors; its next step mixes them with
         # the model's parameters, so they go where those live.
         ema.to(device=next(p.device for p in peft_model.parameters() if p.requires_grad))
+    if old_policy:
+        from identity_grpo.old_policy import load_old_policy_state
+
+        if not (path / "old_policy.pt").is_file():
+            raise CheckpointError(f"{path} has no old_policy.pt: it was written by a GRPO run; resume it with "
+                                  "config.algorithm = 'grpo'")
+        load_old_policy_state(peft_model, torch.load(path / "old_policy.pt", map_location="cpu", weights_only=True))
     logger.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
     return state

@@ -5,13 +5,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from identity_grpo.nft import OLD_POLICY_DECAY_TYPES
 from identity_grpo.schedules import SIGMA_TABLES
+
+ALGORITHMS = ("grpo", "nft")
 from identity_grpo.sde import NOISE_SCHEDULES, NOISELESS_FINAL_STEP
 
 
 def num_train_steps(config) -> int:
-    """How many of a rollout's denoising steps are recorded and trained."""
-    if config.sample.sde_window_size > 0:
+    """How many of a rollout's denoising steps are recorded and trained (GRPO), or how many
+    timesteps each clean sample is trained at (forward-process objectives)."""
+    if config.algorithm != "grpo" and config.nft.num_timesteps > 0:
+        return config.nft.num_timesteps
+    if config.algorithm == "grpo" and config.sample.sde_window_size > 0:
         return config.sample.sde_window_size
     return max(1, math.floor(config.sample.num_steps * config.train.timestep_fraction))
 
@@ -24,6 +30,8 @@ def trained_step_indices(config, step: int) -> list[int]:
     ranks (so batches stack and collectives match). Schedules whose final step has no noise
     (CPS) draw windows that end before it.
     """
+    if config.algorithm != "grpo":
+        return []  # forward-process objectives record no transitions
     size = config.sample.sde_window_size
     if size <= 0:
         return list(range(num_train_steps(config)))
@@ -38,7 +46,10 @@ def trained_step_indices(config, step: int) -> list[int]:
 def sde_step_indices(config, step: int) -> list[int]:
     """The stochastic steps of the rollouts of global sampling step ``step``: the trained ones and,
     in the default mode with ``sample.untrained_steps == "sde"`` (upstream), every later step too.
-    Window mode takes ODE steps outside its window."""
+    Window mode takes ODE steps outside its window. The forward-process objectives sample
+    deterministically (no step is stochastic)."""
+    if config.algorithm != "grpo":
+        return []
     if config.sample.sde_window_size <= 0 and config.sample.untrained_steps == "sde":
         return list(range(config.sample.num_steps))
     return trained_step_indices(config, step)
@@ -95,7 +106,7 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
         )
     if sample.noise_schedule not in NOISE_SCHEDULES:
         errors.append(f"sample.noise_schedule ({sample.noise_schedule!r}) must be one of {NOISE_SCHEDULES}")
-    elif sample.noise_schedule in NOISELESS_FINAL_STEP and sample.num_steps >= 1 and (
+    elif config.algorithm == "grpo" and sample.noise_schedule in NOISELESS_FINAL_STEP and sample.num_steps >= 1 and (
             num_train_steps(config) >= sample.num_steps):
         errors.append(
             f"sample.noise_schedule {sample.noise_schedule!r} has no noise on the final step (sigma_next = 0), so it "
@@ -104,6 +115,26 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
         )
     if sample.sigma_table not in SIGMA_TABLES:
         errors.append(f"sample.sigma_table ({sample.sigma_table!r}) must be one of {SIGMA_TABLES}")
+    if config.algorithm not in ALGORITHMS:
+        errors.append(f"algorithm ({config.algorithm!r}) must be one of {ALGORITHMS}")
+    elif config.algorithm != "grpo":
+        nft = config.nft
+        if not nft.beta > 0:
+            errors.append(f"nft.beta ({nft.beta}) must be > 0")
+        if nft.timestep_sampling not in ("sampler", "uniform", "logit_normal"):
+            errors.append(f"nft.timestep_sampling ({nft.timestep_sampling!r}) must be 'sampler', 'uniform' or "
+                          "'logit_normal'")
+        elif nft.timestep_sampling == "sampler" and num_train_steps(config) > sample.num_steps:
+            errors.append(f"nft.num_timesteps ({nft.num_timesteps}) must be <= sample.num_steps ({sample.num_steps}) "
+                          "with nft.timestep_sampling = 'sampler' (it draws the sampler's timesteps without repeats)")
+        if nft.num_timesteps < 0:
+            errors.append(f"nft.num_timesteps ({nft.num_timesteps}) must be >= 0 (0: from train.timestep_fraction)")
+        if nft.old_policy_decay_type not in OLD_POLICY_DECAY_TYPES:
+            errors.append(f"nft.old_policy_decay_type ({nft.old_policy_decay_type}) must be one of "
+                          f"{OLD_POLICY_DECAY_TYPES}")
+        if sample.sde_window_size or sample.fast_branch or sample.eval_sde:
+            errors.append(f"algorithm {config.algorithm!r} samples deterministically: sample.sde_window_size, "
+                          "sample.fast_branch and sample.eval_sde are GRPO settings; unset them")
     if sample.eval_solver not in ("scheduler", "euler"):
         errors.append(f"sample.eval_solver ({sample.eval_solver!r}) must be 'scheduler' (the model's own) or 'euler'")
     if sample.untrained_steps not in ("sde", "ode"):

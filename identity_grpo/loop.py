@@ -148,17 +148,69 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int) -> None:
             writer.append_data(frame)
 
 
-def log_rollout_videos(out_dir: Path, inputs: RewardInputs, scores: dict[str, torch.Tensor], count: int, fps: int):
-    """The first ``count`` videos of a batch as mp4s next to their references (PNG) and rewards."""
-    import json
+def write_gallery_item(out_dir: Path, stem: str, frames: torch.Tensor, references, record: dict, fps: int) -> Path:
+    """``<stem>.mp4``, its references as ``<stem>_ref<k>.png`` and ``<stem>.json`` (prompt and rewards):
+    the layout ``identity_grpo.report`` reads. Returns the video's path."""
+    from identity_grpo.tracking import write_json
 
+    video = out_dir / f"{stem}.mp4"
+    write_video(video, frames, fps)
+    for k, image in enumerate(references):
+        image.save(out_dir / f"{stem}_ref{k}.png")
+    write_json(out_dir / f"{stem}.json", record)
+    return video
+
+
+def log_rollout_videos(out_dir: Path, inputs: RewardInputs, scores: dict[str, torch.Tensor], count: int, fps: int,
+                       *, accelerator=None, step: int = 0) -> None:
+    """The first ``count`` videos of a batch as mp4s next to their references (PNG) and rewards;
+    with ``accelerator``, also sent to its trackers (:func:`log_videos_to_trackers`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(min(count, inputs.frames.shape[0])):
-        write_video(out_dir / f"{i}.mp4", inputs.frames[i], fps)
-        for k, image in enumerate(inputs.reference_images[i]):
-            image.save(out_dir / f"{i}_ref{k}.png")
+    count = min(count, inputs.frames.shape[0])
+    videos, captions = [], []
+    for i in range(count):
         record = {"prompt": inputs.prompts[i], **{key: float(value[i]) for key, value in scores.items()}}
-        (out_dir / f"{i}.json").write_text(json.dumps(record, indent=2))
+        videos.append(write_gallery_item(out_dir, str(i), inputs.frames[i], inputs.reference_images[i], record, fps))
+        captions.append(f"{inputs.prompts[i]} | total {record.get('total', float('nan')):.4f}")
+    if accelerator is not None and count:
+        log_videos_to_trackers(accelerator, "rollouts", videos, inputs.frames[:count], captions, step)
+
+
+def log_eval_videos(out_dir: Path, rows: list[dict], dataset: ReferenceVideoDataset, fps: int) -> None:
+    """This rank's rows of :func:`evaluate` as ``<row index>.mp4`` with references and rewards: the
+    report's before/after gallery pairs the rows of two evaluations by index. Every rank writes
+    its own rows (distinct names), so no gather is needed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        record = {key: value for key, value in row.items() if key != "frames"}
+        write_gallery_item(out_dir, f"{row['index']:05d}", row["frames"], dataset.load_references(row["index"]),
+                           record, fps)
+
+
+def frame_grid(frames: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """``(N, F, H, W, 3)`` uint8 videos as one ``(N * H, k * W, 3)`` image: a row per video, ``k <=
+    max_frames`` evenly spaced frames per row (first and last included)."""
+    count, num_frames, height, width, channels = frames.shape
+    k = min(max_frames, num_frames)
+    picks = torch.linspace(0, num_frames - 1, k).round().long()
+    chosen = frames[:, picks]  # (N, k, H, W, 3)
+    return chosen.permute(0, 2, 1, 3, 4).reshape(count * height, k * width, channels)
+
+
+def log_videos_to_trackers(accelerator, tag: str, videos: Sequence[Path], frames: torch.Tensor,
+                           captions: Sequence[str], step: int) -> None:
+    """Videos in the trackers. tensorboard: a frame-grid image (``add_video`` needs moviepy < 2, whose
+    ``moviepy.editor`` it imports, and silently logs nothing without it). wandb: the mp4 files as
+    ``wandb.Video`` (a file path needs no moviepy; works with ``WANDB_MODE=offline``)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, frame_grid(frames).numpy(), step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.run.log({tag: [wandb.Video(str(path), caption=caption, format="mp4")
+                                   for path, caption in zip(videos, captions)]}, step=step)
 
 
 def mean_stats(stats: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:

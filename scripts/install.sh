@@ -11,3 +11,17 @@ extra=""
 constraints=(-c scripts/constraints.txt)
 [ -n "${IGP_NO_CONSTRAINTS:-}" ] && constraints=()
 python -m pip install --disable-pip-version-check -q "${constraints[@]}" -e ".${extra}"
+
+# The report's browser test (tests/test_report.py) opens report.html in headless Chromium, a
+# system package. Installed only where apt-get exists and we are root or have passwordless sudo;
+# elsewhere (or if apt fails) the install goes on and that test skips, saying why.
+if [ -n "$extra" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+        && command -v apt-get >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo -n"
+    if [ -z "$sudo" ] || sudo -n true 2>/dev/null; then
+        { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+            --no-install-recommends chromium >/dev/null; } \
+            || echo "install.sh: could not install chromium with apt-get; the report's browser test will skip" >&2
+    fi
+fi

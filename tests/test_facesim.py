@@ -198,5 +198,27 @@ def test_insightface_backend_names_the_config_field_and_the_install(tmp_path):
     if importlib.util.find_spec("insightface") is None:
         with pytest.raises(ImportError, match="pip install insightface onnxruntime"):
             FaceSimScorer.from_config(SimpleNamespace(facesim={"detector_path": __file__, "embedder_path": __file__}))
-    with pytest.raises(ValueError, match="'insightface' or 'tiny'"):
-        FaceSimScorer.from_config(SimpleNamespace(facesim={"backend": "dlib"}))
+    with pytest.raises(ValueError, match="'insightface', 'dlib' or 'tiny'"):
+        FaceSimScorer.from_config(SimpleNamespace(facesim={"backend": "arcface"}))
+
+
+def test_dlib_backend_names_the_models_folder_field(tmp_path):
+    pytest.importorskip("dlib", reason="dlib is in the 'faces' extra (bash scripts/install.sh dev installs it)")
+    with pytest.raises(FileNotFoundError, match="config.facesim.dlib_models_dir"):
+        FaceSimScorer.from_config(SimpleNamespace(facesim={"backend": "dlib", "dlib_models_dir": str(tmp_path)}))
+
+
+def test_copy_paste_of_the_tiny_backend_by_hand():
+    from identity_grpo.rewards.copy_paste import copy_paste_scorer
+
+    # Tiny crops are the face boxes; a flat tile has no texture, so give the reference and the frame
+    # two-tone tiles: the same pattern scores 1, the pattern upside down -1 (clipped to 0).
+    def tile(top, bottom):
+        image = np.zeros((8, 8, 3), dtype=np.uint8)
+        image[:4, :4], image[2:4, :4] = top, bottom
+        return image
+
+    scorer = copy_paste_scorer(FaceSimScorer(TileFaceDetector(), MeanColorEmbedder()), size=4)
+    frames = torch.from_numpy(np.stack([tile(RED, BLUE), tile(BLUE, RED)])[None].copy())
+    scores = scorer.score(frames, [[Image.fromarray(tile(RED, BLUE))]])
+    assert scores.per_subject[0].tolist() == pytest.approx([0.5])  # frame 0: 1, frame 1: max(0, -1)

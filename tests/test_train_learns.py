@@ -1,5 +1,5 @@
-"""The key end-to-end check: GRPO on the tiny models raises the reward, and reversed advantages
-lower it. Runs the real entry point (``train_wan2_1_vace.py``) in subprocesses."""
+"""The key end-to-end check: GRPO and DiffusionNFT on the tiny models raise the reward, and
+reversed advantages lower it. Runs the real entry point (``train_wan2_1_vace.py``) in subprocesses."""
 
 import json
 import shutil
@@ -27,13 +27,13 @@ def one_identity_dataset(tmp_path_factory, dataset_dir):
     return root
 
 
-def launch(tmp_path, dataset, tiny_vace_dir, seed, sign):
-    logdir = tmp_path / f"seed{seed}_sign{sign}"
+def launch(tmp_path, dataset, tiny_vace_dir, seed, sign, preset="tiny", epochs=60):
+    logdir = tmp_path / f"{preset}_seed{seed}_sign{sign}"
     command = [
-        sys.executable, str(ROOT / "train_wan2_1_vace.py"), "--config", str(ROOT / "config/dgx.py") + ":tiny",
+        sys.executable, str(ROOT / "train_wan2_1_vace.py"), "--config", str(ROOT / "config/dgx.py") + f":{preset}",
         f"--config.dataset={dataset}", f"--config.logdir={logdir}", f"--config.seed={seed}",
         f"--config.train.advantage_sign={sign}", f"--config.pretrained.model={tiny_vace_dir}",
-        "--config.num_epochs=60", "--config.eval_freq=60", "--config.tracker=",
+        f"--config.num_epochs={epochs}", f"--config.eval_freq={epochs}", "--config.tracker=",
     ]
     return logdir, subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -58,3 +58,21 @@ def test_grpo_raises_reward_and_reversed_advantages_lower_it(tmp_path, one_ident
     assert after < before - MARGIN, f"reversed advantages: ref_tone {before:.4f} -> {after:.4f}"
     # Same seed, same untrained model and eval noise: the two runs start from the same reward.
     assert up[0][0] == pytest.approx(down[0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_nft_raises_reward_for_every_seed_and_reversed_advantages_lower_it(tmp_path, one_identity_dataset,
+                                                                           tiny_vace_dir):
+    # DiffusionNFT (tiny_nft: deterministic CFG-free collection, 3 of 4 sampler timesteps trained per sample).
+    def run(seed, sign):
+        return launch(tmp_path, one_identity_dataset, tiny_vace_dir, seed, sign, preset="tiny_nft", epochs=30)
+
+    first = [run(seed, 1) for seed in (0, 1)]
+    up = [result(*r) for r in first]
+    second = [run(2, 1), run(0, -1)]
+    up.append(result(*second[0]))
+    down = result(*second[1])
+    for seed, (before, after) in zip((0, 1, 2), up):
+        assert after > before + MARGIN, f"nft seed {seed}: ref_tone {before:.4f} -> {after:.4f}"
+    before, after = down
+    assert after < before - MARGIN, f"nft reversed advantages: ref_tone {before:.4f} -> {after:.4f}"

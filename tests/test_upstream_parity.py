@@ -114,7 +114,7 @@ def test_ema_schedule_equals_upstreams_per_batch_calls():
                 steps += 1
                 applied += ema_update(ours, [parameter], steps, interval=config.train.ema_update_interval,
                                       repeats=ema_repeats(config.train))
-            upstream.call(float(parameter), steps)  # upstream: after every batch
+            upstream.call(parameter.item(), steps)  # upstream: after every batch
     assert applied == 3  # after optimizer steps 7, 15 and 23
     assert ours.shadow_params[0].item() == pytest.approx(upstream.value, rel=1e-12)
 

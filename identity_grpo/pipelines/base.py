@@ -54,6 +54,8 @@ class Rollouts:
         group_ids: ``(B,)`` int64 group of each rollout.
         num_references: references per item (equal within a batch).
         sigma_max, sigma_min: the schedule's bounds used by the noise schedule.
+        final_latents: ``(B, C, T, h, w)`` float32 final (clean) state, what the forward-process
+            objectives train on.
     """
 
     latents: torch.Tensor
@@ -70,6 +72,7 @@ class Rollouts:
     num_references: int
     sigma_max: float
     sigma_min: float
+    final_latents: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -90,6 +93,7 @@ class Rollouts:
             prompt_embeds=self.prompt_embeds[index], negative_prompt_embeds=self.negative_prompt_embeds,
             group_ids=self.group_ids[index.to(self.group_ids.device)], num_references=self.num_references,
             sigma_max=self.sigma_max, sigma_min=self.sigma_min,
+            final_latents=None if self.final_latents is None else self.final_latents[index.to(self.final_latents.device)],
         )
 
 
@@ -384,7 +388,7 @@ class RolloutPipeline:
             step_indices=steps, conditioning=conditioning, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
             group_ids=torch.as_tensor(list(group_ids) if group_ids is not None else range(batch), dtype=torch.long),
-            num_references=num_references, sigma_max=sigma_max, sigma_min=sigma_min,
+            num_references=num_references, sigma_max=sigma_max, sigma_min=sigma_min, final_latents=latents,
         )
         return rollouts, frames
 

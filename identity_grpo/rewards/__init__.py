@@ -113,7 +113,7 @@ def registered_rewards() -> tuple[list[str], dict[str, str]]:
     """The names of the built-in and registered rewards, and for each built-in that could not be
     registered (missing optional dependency) the import error. Builds nothing."""
     # Importing the modules registers the built-in rewards.
-    from identity_grpo.rewards import composite, facesim, pixel  # noqa: F401
+    from identity_grpo.rewards import composite, copy_paste, facesim, motion, pixel  # noqa: F401
 
     unavailable = {}
     try:

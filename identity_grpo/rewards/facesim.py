@@ -1,4 +1,5 @@
-"""Face similarity (FaceSim-Arc): ArcFace cosine similarity between the faces in a video and its references.
+"""Face similarity (FaceSim): cosine similarity of face-recognition embeddings between the faces in a
+video and its references (FaceSim-Arc with ArcFace, FaceSim-dlib with dlib's embedder).
 
 Two layers:
 
@@ -10,6 +11,10 @@ Two layers:
    :class:`FaceEmbedder` (image + boxes -> embeddings), joined by :class:`FaceSimScorer`.
    ``backend="insightface"`` uses insightface's SCRFD detector and an ArcFace ONNX model run by
    onnxruntime, both from local files named in the config (nothing is downloaded).
+   ``backend="dlib"`` (:mod:`identity_grpo.rewards.faces_dlib`) uses dlib's HOG detector, 5-point
+   alignment and ResNet embedder, whose weights ship in the ``face_recognition_models`` package, so
+   it runs offline with no configuration; its cosines are higher and narrower than ArcFace's (see
+   that module) and not comparable with OpenS2V's FaceSim-Arc.
    ``backend="tiny"`` is a deterministic stand-in for tests and offline smoke runs: it finds
    "faces" as bright tiles of a grid and embeds each as its mean colour minus its grey level.
    It does not measure identity.
@@ -20,13 +25,17 @@ score exposes when the other person is missing.
 
 Config fields (``config.facesim``, all optional; missing ones take these defaults):
 
-- ``backend`` ("insightface"): ``"insightface"`` or ``"tiny"``.
+- ``backend`` ("insightface"): ``"insightface"``, ``"dlib"`` or ``"tiny"``.
 - ``detector_path`` (""): SCRFD detector ONNX file, e.g. ``buffalo_l/det_10g.onnx``.
 - ``embedder_path`` (""): ArcFace ONNX file, e.g. ``buffalo_l/w600k_r50.onnx``.
 - ``det_size`` (640): detector input side in pixels.
 - ``det_thresh`` (0.5): detector score threshold.
 - ``num_frames`` (0 = all): frames sampled uniformly from each video
   (``round(linspace(0, F - 1, n))``).
+- ``dlib_models_dir`` ("" = the installed ``face_recognition_models`` package): folder with dlib's
+  ``shape_predictor_5_face_landmarks.dat`` and ``dlib_face_recognition_resnet_model_v1.dat``.
+- ``dlib_upsample`` (1), ``dlib_threshold`` (0.0): HOG detector upsampling (1 finds faces down to
+  about 40 px) and SVM score threshold.
 - ``tiny_grid`` (2), ``tiny_threshold`` (0.1): the tiny backend's tile grid and brightness threshold.
 
 The ``facesim`` reward returns ``facesim`` (mean over subjects), ``facesim/min`` (worst subject)
@@ -209,6 +218,10 @@ class FaceEmbedder(Protocol):
     def embed(self, image: np.ndarray, faces: list[DetectedFace]) -> torch.Tensor:
         """``(N, D)`` embeddings of ``faces`` in the RGB uint8 ``(H, W, 3)`` image."""
 
+    def crops(self, image: np.ndarray, faces: list[DetectedFace]) -> list[np.ndarray]:
+        """The RGB uint8 face crops the embedder sees (aligned where it aligns); used by the
+        copy-paste diagnostic (:mod:`identity_grpo.rewards.copy_paste`)."""
+
 
 def crop_face(image: np.ndarray, face: DetectedFace, size: int) -> np.ndarray:
     """The face as an RGB uint8 ``(size, size, 3)`` crop: aligned with the five keypoints when
@@ -253,6 +266,10 @@ class MeanColorEmbedder:
     level, a 3-vector. Equal colours give cosine 1; pure red vs pure blue gives -0.5. Not an
     identity model."""
 
+    def crops(self, image: np.ndarray, faces: list[DetectedFace]) -> list[np.ndarray]:
+        """Each face's box resized to 16x16 (no alignment: the tiny detector has no keypoints)."""
+        return [crop_face(image, face, 16) for face in faces]
+
     def embed(self, image: np.ndarray, faces: list[DetectedFace]) -> torch.Tensor:
         rows = []
         for face in faces:
@@ -276,10 +293,14 @@ class OnnxArcFaceEmbedder:
         self.input_name = self.session.get_inputs()[0].name
         self.input_size = input_size
 
+    def crops(self, image: np.ndarray, faces: list[DetectedFace]) -> list[np.ndarray]:
+        """The embedder's input crops: RGB uint8, aligned on the five keypoints when given."""
+        return [crop_face(image, face, self.input_size) for face in faces]
+
     def embed(self, image: np.ndarray, faces: list[DetectedFace]) -> torch.Tensor:
         if not faces:
             return torch.zeros(0, self.session.get_outputs()[0].shape[-1] or 1)
-        crops = np.stack([crop_face(image, face, self.input_size) for face in faces]).astype(np.float32)
+        crops = np.stack(self.crops(image, faces)).astype(np.float32)
         blob = ((crops - 127.5) / 127.5).transpose(0, 3, 1, 2)
         (embeddings,) = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})[:1]
         return torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).reshape(len(faces), -1)
@@ -313,10 +334,13 @@ class InsightFaceDetector:
 class FaceSimScorer:
     """Detect, embed and match: scores in-memory videos against their reference images."""
 
-    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, num_frames: int = 0):
+    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, num_frames: int = 0,
+                 metric_name: str = "FaceSim-Arc"):
         self.detector = detector
         self.embedder = embedder
         self.num_frames = num_frames
+        # The column prefix for evaluation tables: "FaceSim-Arc" only for ArcFace embeddings.
+        self.metric_name = metric_name
 
     @classmethod
     def from_config(cls, config, device: torch.device | str = "cpu") -> FaceSimScorer:
@@ -327,9 +351,16 @@ class FaceSimScorer:
         if backend == "tiny":
             detector = TileFaceDetector(int(config_field(options, "tiny_grid", 2)),
                                         float(config_field(options, "tiny_threshold", 0.1)))
-            return cls(detector, MeanColorEmbedder(), num_frames)
+            return cls(detector, MeanColorEmbedder(), num_frames, "FaceSim-tiny")
+        if backend == "dlib":
+            from identity_grpo.rewards.faces_dlib import DlibFaceDetector, DlibFaceEmbedder
+
+            detector = DlibFaceDetector(int(config_field(options, "dlib_upsample", 1)),
+                                        float(config_field(options, "dlib_threshold", 0.0)))
+            embedder = DlibFaceEmbedder.from_models_dir(str(config_field(options, "dlib_models_dir", "")))
+            return cls(detector, embedder, num_frames, "FaceSim-dlib")
         if backend != "insightface":
-            raise ValueError(f"config.facesim.backend must be 'insightface' or 'tiny', got {backend!r}")
+            raise ValueError(f"config.facesim.backend must be 'insightface', 'dlib' or 'tiny', got {backend!r}")
         paths = {}
         for field, example in (("detector_path", "det_10g.onnx"), ("embedder_path", "w600k_r50.onnx")):
             path = str(config_field(options, field, ""))
@@ -384,9 +415,18 @@ class FaceSimScorer:
         return match_faces(face_embeddings, face_mask, reference_embeddings[:, :, 0], reference_mask[:, :, 0])
 
 
+def backend_configured(config) -> bool:
+    """Whether ``config.facesim`` can build a scorer without more settings: the tiny or dlib backend,
+    or insightface with an embedder file named (evaluation scripts skip FaceSim otherwise)."""
+    options = config_field(config, "facesim", None)
+    backend = config_field(options, "backend", "insightface")
+    return backend in ("tiny", "dlib") or bool(config_field(options, "embedder_path", ""))
+
+
 def facesim_columns(scores: FaceSimScores, prefix: str = "FaceSim-Arc") -> list[dict[str, float]]:
-    """Per video, the evaluation columns ``FaceSim-Arc`` (mean over subjects), ``/min``,
-    ``/subject_<k>`` for each real reference, and ``/skipped_frames``."""
+    """Per video, the evaluation columns ``<prefix>`` (mean over subjects), ``/min``,
+    ``/subject_<k>`` for each real reference, and ``/skipped_frames``; pass
+    ``FaceSimScorer.metric_name`` as ``prefix`` so dlib scores are not labelled FaceSim-Arc."""
     rows = []
     for b in range(scores.mean.shape[0]):
         row = {prefix: float(scores.mean[b]), f"{prefix}/min": float(scores.min[b]),

@@ -1,0 +1,136 @@
+"""GRPO (upstream settings), GRPO window, GRPO fast and DiffusionNFT side by side on the tiny
+models: the evaluation reward against transformer forward-equivalents (batch elements of forward
+calls, a backward pass counting 2; analytic, the formulas ``nfe.py`` checks by hook counts) and
+against wall time, the same seeds, rows and reward (``ref_tone``) for every variant.
+
+Each variant is a real run of ``train_wan2_1_vace.py`` (tiny / tiny_nft presets) with
+evaluation every ``--eval-every`` epochs; the curves are read from its tensorboard events.
+Prints a table (final reward, forward-equivalents and seconds to reach GRPO's final reward) and
+writes ``algorithms.png`` (reward vs forward-equivalents) next to ``--out``.
+
+    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--out benchmarks/results]
+
+The tiny models are random and the reward is a pixel statistic: this compares the algorithms'
+mechanics and costs, not what they do to a real Wan model with the identity reward model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+import nfe
+
+VARIANTS = {
+    # name: (preset, overrides)
+    "GRPO (upstream settings)": ("tiny", []),
+    "GRPO window 2": ("tiny", ["--config.sample.sde_window_size=2"]),
+    "GRPO fast (window 2)": ("tiny", ["--config.sample.sde_window_size=2", "--config.sample.fast_branch=True",
+                                      "--config.sample.same_latent=True"]),
+    "DiffusionNFT": ("tiny_nft", []),
+}
+
+
+def run(name: str, preset: str, overrides: list[str], seed: int, args, logdir: Path) -> tuple[list, float]:
+    """Run one variant; returns its eval curve [(epoch, reward)] and its wall time in seconds."""
+    command = [sys.executable, str(common.REPO / "train_wan2_1_vace.py"), "--config",
+               f"{common.REPO / 'config' / 'dgx.py'}:{preset}", f"--config.logdir={logdir}",
+               f"--config.seed={seed}", f"--config.num_epochs={args.epochs}", f"--config.eval_freq={args.eval_every}",
+               "--config.tracker=tensorboard", "--config.run_name=run", "--config.log_videos_freq=0",
+               "--config.sample.eval_sde=False", *overrides]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} (seed {seed}) failed:\n{done.stderr[-3000:]}")
+    return eval_curve(logdir), seconds
+
+
+def eval_curve(logdir: Path) -> list[tuple[int, float]]:
+    """``[(optimizer step, eval/ref_tone)]`` from the run's tensorboard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(logdir.rglob("events.out.tfevents.*"))
+    points = {}
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        if "eval/ref_tone" in accumulator.Tags().get("scalars", []):
+            points.update({e.step: e.value for e in accumulator.Scalars("eval/ref_tone")})
+    if not points:
+        raise RuntimeError(f"no eval/ref_tone in the tensorboard events under {logdir}")
+    return sorted(points.items())
+
+
+def per_epoch_cost(preset: str, overrides: list[str]) -> int:
+    """Forward-equivalents of one epoch of the variant (one rank)."""
+    config = common.preset(preset)
+    for override in overrides:
+        field, value = override.removeprefix("--config.").split("=")
+        section, name = field.split(".")
+        config[section][name] = type(config[section][name])(value == "True" if value in ("True", "False") else value)
+    return nfe.analytic(config, "ours")["forward_equivalents"]
+
+
+def main() -> None:
+    parser = common.parser(__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    common.setup(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (preset, overrides) in VARIANTS.items():
+            cost = per_epoch_cost(preset, overrides)
+            for seed in args.seeds:
+                curve, seconds = run(name, preset, overrides, seed, args, Path(folder) / f"{len(results)}")
+                # Optimizer steps per epoch are the same for every variant (1 with the tiny presets), so
+                # step s of the curve is after s epochs of sampling and training.
+                steps_per_epoch = max(curve[-1][0], 1) / args.epochs
+                results[(name, seed)] = ([(step / steps_per_epoch * cost, reward) for step, reward in curve],
+                                         seconds, cost)
+                print(f"  {name}, seed {seed}: {curve[0][1]:.4f} -> {curve[-1][1]:.4f} in {seconds:.0f} s", flush=True)
+
+    rows = []
+    for seed in args.seeds:
+        target = results[("GRPO (upstream settings)", seed)][0][-1][1]
+        for name in VARIANTS:
+            points, seconds, cost = results[(name, seed)]
+            reached = next((fe for fe, reward in points if reward >= target), None)
+            total = points[-1][0]
+            rows.append([name, seed, f"{points[0][1]:.4f}", f"{points[-1][1]:.4f}", cost,
+                         f"{reached:.3g}" if reached is not None else "not reached",
+                         f"{reached / total * seconds:.0f}" if reached is not None else "-", f"{seconds:.0f}"])
+    print(f"\n{args.epochs} epochs, eval every {args.eval_every} (deterministic eval, test rows), reward ref_tone")
+    print(common.table(["variant", "seed", "eval before", "eval after", "forward-eq / epoch",
+                        "forward-eq to GRPO's final", "~s to GRPO's final", "run s"], rows))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for (name, seed), (points, _, _) in results.items():
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} (seed {seed})")
+    axis.set_xlabel("transformer forward-equivalents (backward = 2)")
+    axis.set_ylabel("eval ref_tone")
+    axis.set_title("tiny models: reward vs cost")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(args.out / "algorithms.png", dpi=110)
+    print(f"plot: {args.out / 'algorithms.png'}")
+
+
+if __name__ == "__main__":
+    main()
