@@ -54,13 +54,50 @@ def model_path_error(config, field: str, path: str, required: str) -> str | None
                 "hub id); fix the path")
     from huggingface_hub import constants, snapshot_download
 
+    try:
+        snapshot_download(path, local_files_only=True)
+        return None  # in the hub cache
+    except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not an id)
+        pass
     if constants.HF_HUB_OFFLINE:
-        try:
-            snapshot_download(path, local_files_only=True)
-        except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not an id)
-            return (f"config.{field} = {path!r} is not a local folder, and the hub is switched off "
-                    "(HF_HUB_OFFLINE) with no cached copy; download it or give a local folder")
+        return (f"config.{field} = {path!r} is not a local folder, and the hub is switched off "
+                "(HF_HUB_OFFLINE) with no cached copy; download it or give a local folder")
+    if not hub_reachable(constants.ENDPOINT):
+        return (f"config.{field} = {path!r} is not a local folder nor in the hub cache, and the hub "
+                f"({constants.ENDPOINT}) cannot be reached from this machine; download it where the hub is "
+                "reachable and give the local folder")
     return None
+
+
+def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds (name lookup
+    included): a quick probe, so an offline machine is told at once which field to fix instead
+    of retrying downloads for half a minute once the models load."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+
+    def connect() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    # getaddrinfo has no timeout of its own; a thread bounds a slow name lookup.
+    executor = ThreadPoolExecutor(max_workers=1)
+    try:
+        return executor.submit(connect).result(timeout=timeout + 1)
+    except FutureTimeout:
+        return False
+    finally:
+        executor.shutdown(wait=False)
 
 
 def resolve_model_path(config) -> str:

@@ -18,3 +18,27 @@ def tiny_vace_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset_dir() -> Path:
     return DATASET
+
+
+@pytest.fixture(scope="session")
+def train_subprocess(tiny_vace_dir):
+    """``run(preset, logdir, *overrides, run_dir=None)``: ``train_wan2_1_vace.py`` in a subprocess on the
+    tiny models (no tracker, no evaluation, EMA on, KL weight 0.01, 16 videos per batch); returns the run
+    folder (the only folder under ``logdir`` unless ``run_dir`` is given, e.g. for a resume)."""
+    import subprocess
+    import sys
+
+    def run(preset, logdir, *overrides, run_dir=None):
+        command = [
+            sys.executable, str(ROOT / "train_wan2_1_vace.py"), "--config", f"{ROOT / 'config' / 'dgx.py'}:{preset}",
+            f"--config.pretrained.model={tiny_vace_dir}", f"--config.logdir={logdir}", "--config.tracker=",
+            "--config.eval_freq=0", "--config.train.ema=True", "--config.train.beta=0.01",
+            "--config.sample.train_batch_size=16", *overrides,
+        ]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        if run_dir is None:
+            (run_dir,) = [p for p in Path(logdir).iterdir() if p.is_dir()]
+        return run_dir
+
+    return run

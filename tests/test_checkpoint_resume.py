@@ -2,31 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from identity_grpo.checkpoint import CheckpointError, resolve_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_train(tiny_vace_dir, logdir, *overrides, run_dir=None):
-    command = [
-        sys.executable, str(ROOT / "train_wan2_1_vace.py"), "--config", str(ROOT / "config/dgx.py") + ":tiny",
-        f"--config.pretrained.model={tiny_vace_dir}", f"--config.logdir={logdir}", "--config.tracker=",
-        "--config.eval_freq=0", "--config.train.ema=True", "--config.train.beta=0.01",
-        "--config.sample.train_batch_size=16", *overrides,
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    if run_dir is None:
-        (run_dir,) = [p for p in Path(logdir).iterdir() if p.is_dir()]
-    return run_dir
 
 
 def rewards_by_epoch(run_dir):
@@ -35,11 +16,11 @@ def rewards_by_epoch(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_vace_dir):
+def runs(tmp_path_factory, train_subprocess):
     tmp = tmp_path_factory.mktemp("resume")
-    straight = run_train(tiny_vace_dir, tmp / "straight", "--config.num_epochs=4", "--config.save_freq=2")
-    halted = run_train(tiny_vace_dir, tmp / "halted", "--config.num_epochs=2", "--config.save_freq=2")
-    run_train(tiny_vace_dir, tmp / "unused", "--config.num_epochs=4", "--config.save_freq=2",
+    straight = train_subprocess("tiny", tmp / "straight", "--config.num_epochs=4", "--config.save_freq=2")
+    halted = train_subprocess("tiny", tmp / "halted", "--config.num_epochs=2", "--config.save_freq=2")
+    train_subprocess("tiny", tmp / "unused", "--config.num_epochs=4", "--config.save_freq=2",
               f"--config.resume_from={halted}", run_dir=halted)
     # A resumed run continues in its own folder and creates no other.
     assert not (tmp / "unused").exists()

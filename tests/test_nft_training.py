@@ -1,9 +1,6 @@
 """DiffusionNFT through the train script: deterministic CFG-free collection by the old adapter,
 the old adapter's EMA, checkpoints with both adapters and exact resume."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +8,6 @@ from safetensors.torch import load_file
 
 from config.dgx import get_config
 from identity_grpo.configuration import num_train_steps, sde_step_indices, trained_step_indices, validate_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_follow_diffusionnft():
@@ -36,27 +31,17 @@ def test_grpo_only_settings_are_refused_for_nft():
         validate_config(config)
 
 
-def run_train(tiny_vace_dir, logdir, *overrides, run_dir=None):
-    command = [
-        sys.executable, str(ROOT / "train_wan2_1_vace.py"), "--config", str(ROOT / "config/dgx.py") + ":tiny_nft",
-        f"--config.pretrained.model={tiny_vace_dir}", f"--config.logdir={logdir}", "--config.tracker=",
-        "--config.eval_freq=0", "--config.train.ema=True", "--config.train.beta=0.01",
-        "--config.sample.train_batch_size=16", "--config.nft.num_timesteps=2", *overrides,
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    if run_dir is None:
-        (run_dir,) = [p for p in Path(logdir).iterdir() if p.is_dir()]
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_vace_dir):
+def runs(tmp_path_factory, train_subprocess):
     tmp = tmp_path_factory.mktemp("nft")
-    straight = run_train(tiny_vace_dir, tmp / "straight", "--config.num_epochs=3", "--config.save_freq=1")
-    halted = run_train(tiny_vace_dir, tmp / "halted", "--config.num_epochs=2", "--config.save_freq=1")
-    run_train(tiny_vace_dir, tmp / "unused", "--config.num_epochs=3", "--config.save_freq=1",
-              f"--config.resume_from={halted}", run_dir=halted)
+
+    def run(logdir, *overrides, run_dir=None):
+        return train_subprocess("tiny_nft", logdir, "--config.nft.num_timesteps=2", *overrides, run_dir=run_dir)
+
+    straight = run(tmp / "straight", "--config.num_epochs=3", "--config.save_freq=1")
+    halted = run(tmp / "halted", "--config.num_epochs=2", "--config.save_freq=1")
+    run(tmp / "unused", "--config.num_epochs=3", "--config.save_freq=1", f"--config.resume_from={halted}",
+        run_dir=halted)
     return straight, halted
 
 

@@ -206,6 +206,27 @@ def test_missing_local_model_path_names_the_field_without_hub_retries(tmp_path, 
     assert "not tried as a hub id" in message
 
 
+@pytest.mark.parametrize("reachable", [False, True])
+def test_uncached_hub_id_with_the_hub_unreachable_names_the_field(tmp_path, dataset, monkeypatch, reachable):
+    import identity_grpo.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda endpoint, timeout=5.0: reachable)
+    config = tiny_config(tmp_path, dataset, **{"pretrained.model": "some-org/not-cached-model",
+                                               "pretrained.build_tiny": False})
+    error = models.model_path_error(config, "pretrained.model", config.pretrained.model, "model_index.json")
+    if reachable:
+        assert error is None  # a hub id the hub can serve is left to from_pretrained
+    else:
+        assert "config.pretrained.model = 'some-org/not-cached-model'" in error and "cannot be reached" in error
+
+
+def test_hub_probe_fails_fast_for_an_unresolvable_host():
+    from identity_grpo.models import hub_reachable
+
+    assert hub_reachable("https://no-such-host.invalid", timeout=2.0) is False
+
+
 def test_build_tiny_never_fills_a_mistyped_path_with_random_models(tmp_path, dataset):
     typo = tmp_path / "tiny_modles" / "wan_vace"
     message = refused_by_train(tiny_config(tmp_path, dataset, **{"pretrained.model": str(typo)}))
