@@ -182,9 +182,9 @@ def nft_step_loss(config, accelerator, pipeline, transformer, rollouts, advantag
 
 
 def update_inputs(config, pipeline, batch, generator):
-    """What one sampling batch trains on: ``(rollouts, advantages, loss_scale, losses)``, where
-    ``losses(unit)`` gives the arguments that differ between its backward passes (GRPO: the
-    recorded step; NFT: a timestep per sample and fresh noise, drawn from ``generator``)."""
+    """What one sampling batch trains on: ``(rollouts, advantages, loss_scale, unit_args)``, where
+    ``unit_args(unit)`` gives the loss arguments that differ between its backward passes (GRPO:
+    the recorded step; NFT: a timestep per sample and fresh noise, drawn from ``generator``)."""
     rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
     if config.algorithm == "grpo":
         keep = update_mask(batch.advantages, batch.constant_group, config.train.filter_zero_advantage)

@@ -8,7 +8,7 @@ evaluation every ``--eval-every`` epochs; the curves are read from its tensorboa
 Prints a table (final reward, forward-equivalents and seconds to reach GRPO's final reward) and
 writes ``algorithms.png`` (reward vs forward-equivalents) next to ``--out``.
 
-    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--out benchmarks/results]
+    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--out benchmarks/results]   # --full: seeds 0 1 2
 
 The tiny models are random and the reward is a pixel statistic: this compares the algorithms'
 mechanics and costs, not what they do to a real Wan model with the identity reward model.
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    if args.full and args.seeds == [0]:
+        args.seeds = [0, 1, 2]
     common.setup(args)
     args.out.mkdir(parents=True, exist_ok=True)
     import tempfile

@@ -5,7 +5,7 @@
 set -uo pipefail
 out="${OUT_DIR:-$(dirname "$0")/results}"
 mkdir -p "$out"
-scripts=(rollout_overhead nfe reward_in_memory epoch_breakdown policy_reference_batching peak_memory)
+scripts=(rollout_overhead nfe reward_in_memory epoch_breakdown policy_reference_batching peak_memory algorithms)
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     scripts+=(gpu_full_size)
 fi

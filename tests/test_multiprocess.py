@@ -1,4 +1,5 @@
-"""Two processes on CPU (gloo): groups span ranks and are normalised together; ranks stay in sync."""
+"""Two processes on CPU (gloo): groups span ranks and are normalised together; ranks stay in sync,
+with GRPO and with DiffusionNFT (whose old adapter is switched in and out around DDP)."""
 
 import json
 import shutil
@@ -12,11 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_two_process_training(tmp_path, tiny_vace_dir):
+@pytest.mark.parametrize("preset, port", [("tiny", 29517), ("tiny_nft", 29518)])
+def test_two_process_training(tmp_path, tiny_vace_dir, preset, port):
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     command = torchrun.split() + [
-        "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "train_wan2_1_vace.py"),
-        "--config", str(ROOT / "config/dgx.py") + ":tiny", f"--config.pretrained.model={tiny_vace_dir}",
+        "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "train_wan2_1_vace.py"),
+        "--config", str(ROOT / "config/dgx.py") + f":{preset}", f"--config.pretrained.model={tiny_vace_dir}",
         f"--config.logdir={tmp_path}", "--config.tracker=", "--config.num_epochs=2", "--config.eval_freq=0",
         # 4 videos per rank, K = 8: every group has 4 members on each rank.
         "--config.sample.train_batch_size=4", "--config.sample.num_batches_per_epoch=2",
