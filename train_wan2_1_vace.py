@@ -37,6 +37,7 @@ from identity_grpo.checkpoint import (
 from identity_grpo.configuration import num_train_steps, validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.ema import ema_repeats, ema_update
+from identity_grpo.evoid import anchor_losses
 from identity_grpo.grpo import grpo_loss
 from identity_grpo.nft import draw_timesteps, nft_loss, old_policy_decay, optimality_probability
 from identity_grpo.old_policy import OLD, active_adapter, add_old_policy, old_policy_state, update_old_policy
@@ -173,12 +174,22 @@ def nft_step_loss(config, accelerator, pipeline, transformer, rollouts, advantag
         v_old = velocity(peft_model)
     v_theta = velocity(transformer)
     v_ref = None
-    if config.train.beta > 0:
+    if config.train.beta > 0 or config.algorithm == "evoid":
         with torch.no_grad(), peft_model.disable_adapter():
             v_ref = velocity(peft_model)
-    return nft_loss(v_theta, v_old, x_t, x0, t, optimality_probability(advantages, config.train.adv_clip_max),
-                    nft_beta=config.nft.beta, adv_clip_max=config.train.adv_clip_max, v_ref=v_ref,
-                    kl_weight=config.train.beta)
+    loss, stats = nft_loss(v_theta, v_old, x_t, x0, t, optimality_probability(advantages, config.train.adv_clip_max),
+                           nft_beta=config.nft.beta, adv_clip_max=config.train.adv_clip_max, v_ref=v_ref,
+                           kl_weight=config.train.beta)
+    if config.algorithm == "evoid":
+        # The T2V teacher: the frozen base on the video frames alone with VACE's context off.
+        video = slice(rollouts.num_references, None)
+        with torch.no_grad(), peft_model.disable_adapter():
+            v_t2v = pipeline.guided_velocity(x_t[:, :, video], timestep, rollouts.prompt_embeds, None,
+                                             rollouts.conditioning[:, :, video], 1.0, 0.0, transformer=peft_model)
+        anchors, anchor_stats = anchor_losses(v_theta, v_t2v, v_ref, video_frames=video,
+                                              lambda_t2v=config.evoid.lambda_t2v, lambda_self=config.evoid.lambda_self)
+        loss, stats = loss + anchors, {**stats, **anchor_stats}
+    return loss, stats
 
 
 def update_inputs(config, pipeline, batch, generator):

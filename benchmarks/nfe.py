@@ -69,13 +69,15 @@ def analytic(config, mode: str, groups_per_batch: int = 1) -> dict[str, int]:
 
 def _forward_process_counts(config, batch, steps, batches, cfg, reference) -> dict[str, int]:
     """DiffusionNFT: deterministic rollouts (one call per step, CFG only if guidance > 1); per
-    trained timestep three conditional calls (old adapter, policy, and the frozen base when
-    ``train.beta > 0``) and one backward pass of the policy."""
+    trained timestep the conditional calls of the old adapter, the policy and the frozen base
+    (when ``train.beta > 0``), and one backward pass of the policy. EvoID adds the initial model
+    (always) and the T2V teacher (video frames only, counted as whole elements)."""
     from identity_grpo.configuration import num_train_steps
 
     timesteps = num_train_steps(config) * config.train.num_inner_epochs
+    evoid = config.algorithm == "evoid"
     rollout_calls = batches * steps
-    train_calls = batches * timesteps * (2 + reference)
+    train_calls = batches * timesteps * (2 + (1 if evoid else reference) + (1 if evoid else 0))
     return _with_totals(rollout_calls, rollout_calls * batch * cfg, train_calls, train_calls * batch,
                         batches * timesteps * batch)
 
@@ -106,6 +108,7 @@ def variants(window_size: int) -> dict[str, object]:
         out[f"fast (window {window_size})"] = None
     if "algorithm" in common.preset("vace"):
         out["vace_nft preset"] = common.preset("vace_nft")
+        out["vace_evoid preset"] = common.preset("vace_evoid")
     return out
 
 

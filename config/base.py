@@ -157,8 +157,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- algorithm
     # The update: "grpo" (Flow-GRPO / Identity-GRPO: SDE rollouts, recorded log-probs, clipped
-    # importance ratio) or "nft" (DiffusionNFT: the old policy samples deterministically with the
-    # eval solver, only the clean latents are kept, and training re-noises them; identity_grpo/nft.py).
+    # importance ratio), "nft" (DiffusionNFT: the old policy samples deterministically with the
+    # eval solver, only the clean latents are kept, and training re-noises them; identity_grpo/nft.py)
+    # or "evoid" (nft plus EvoID's anchors, below).
     config.algorithm = "grpo"
     config.nft = nft = ml_collections.ConfigDict()
     # DiffusionNFT's beta: v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v (1.0; 0.1
@@ -173,6 +174,13 @@ def get_config() -> ml_collections.ConfigDict:
     # schedules: 0 (copy), 1 (min(0.001 step, 0.5), its default), 2 (0 for 75 steps, then
     # min(0.0075 (step - 75), 0.999)).
     nft.old_policy_decay_type = 1
+    # "evoid": EvoID = the nft update (its Stable model is the old adapter) plus two anchors
+    # (identity_grpo/evoid.py): lambda_t2v x the squared velocity distance, on the video frames, to
+    # a frozen text-to-video teacher (VACE with its context switched off: exactly the T2V
+    # transformer on VACE's base weights), and lambda_self x that to the initial model. VACE only.
+    config.evoid = evoid = ml_collections.ConfigDict()
+    evoid.lambda_t2v = 0.01
+    evoid.lambda_self = 0.2
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()

@@ -186,9 +186,29 @@ def tiny_nft():
     return config
 
 
+def vace_evoid():
+    """``vace_nft`` plus EvoID's anchors (T2V teacher 0.01, initial model 0.2). EvoID combines
+    several rewards with its dynamic weighting (``reward_combination.mode = "evoid"``, see
+    docs/rewards.md); set ``reward_fn`` and its groups for that; the identity reward alone is kept here."""
+    config = vace_nft()
+    config.run_name = "vace_evoid"
+    config.algorithm = "evoid"
+    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
+    return config
+
+
+def tiny_evoid():
+    """``tiny_nft`` with EvoID's anchors."""
+    config = tiny_nft()
+    config.run_name = "tiny_evoid"
+    config.algorithm = "evoid"
+    return config
+
+
 def get_config(name):
     presets = {"vace": vace, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
-               "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft}
+               "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
+               "vace_evoid": vace_evoid, "tiny_evoid": tiny_evoid}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()

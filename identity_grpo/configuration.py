@@ -8,7 +8,7 @@ from pathlib import Path
 from identity_grpo.nft import OLD_POLICY_DECAY_TYPES
 from identity_grpo.schedules import SIGMA_TABLES
 
-ALGORITHMS = ("grpo", "nft")
+ALGORITHMS = ("grpo", "nft", "evoid")
 from identity_grpo.sde import NOISE_SCHEDULES, NOISELESS_FINAL_STEP
 
 
@@ -132,6 +132,13 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
         if nft.old_policy_decay_type not in OLD_POLICY_DECAY_TYPES:
             errors.append(f"nft.old_policy_decay_type ({nft.old_policy_decay_type}) must be one of "
                           f"{OLD_POLICY_DECAY_TYPES}")
+        if config.algorithm == "evoid":
+            if config.model_type != "vace":
+                errors.append("algorithm 'evoid' needs model_type 'vace': its text-to-video teacher is VACE with the "
+                              "context switched off; Phantom would need a separate T2V model, not supported yet")
+            if not (config.evoid.lambda_t2v >= 0 and config.evoid.lambda_self >= 0):
+                errors.append(f"evoid.lambda_t2v ({config.evoid.lambda_t2v}) and evoid.lambda_self "
+                              f"({config.evoid.lambda_self}) must be >= 0")
         if sample.sde_window_size or sample.fast_branch or sample.eval_sde:
             errors.append(f"algorithm {config.algorithm!r} samples deterministically: sample.sde_window_size, "
                           "sample.fast_branch and sample.eval_sde are GRPO settings; unset them")

@@ -18,6 +18,9 @@ def test_presets_follow_diffusionnft():
     assert sde_step_indices(config, 0) == [] and trained_step_indices(config, 0) == []  # nothing stochastic
     assert (config.nft.beta, config.nft.old_policy_decay_type, config.train.beta) == (1.0, 1, 1e-4)
     validate_config(get_config("phantom_nft"), num_processes=8)
+    evoid = get_config("vace_evoid")
+    validate_config(evoid, num_processes=8)
+    assert (evoid.algorithm, evoid.evoid.lambda_t2v, evoid.evoid.lambda_self) == ("evoid", 0.01, 0.2)
 
 
 def test_grpo_only_settings_are_refused_for_nft():
