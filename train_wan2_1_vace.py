@@ -5,9 +5,10 @@
 
 Each epoch: sample K videos per drawn (prompt, references) item -> score them ->
 group-normalised advantages -> update the LoRA weights. ``config.algorithm`` picks the sampler
-and the update: "grpo" (SDE rollouts, clipped ratio on the recorded steps) or "nft"
+and the update: "grpo" (SDE rollouts, clipped ratio on the recorded steps), "nft"
 (DiffusionNFT: the old-policy adapter samples deterministically, the clean latents are
-re-noised and trained with the positive/negative velocity loss); everything else is shared.
+re-noised and trained with the positive/negative velocity loss) or "evoid" (nft plus EvoID's
+teacher and self anchors); everything else is shared.
 """
 
 from __future__ import annotations
@@ -192,10 +193,11 @@ def nft_step_loss(config, accelerator, pipeline, transformer, rollouts, advantag
     return loss, stats
 
 
-def update_inputs(config, pipeline, batch, generator):
+def update_inputs(config, pipeline, batch, generator, sampler_timesteps=None):
     """What one sampling batch trains on: ``(rollouts, advantages, loss_scale, unit_args)``, where
     ``unit_args(unit)`` gives the loss arguments that differ between its backward passes (GRPO:
-    the recorded step; NFT: a timestep per sample and fresh noise, drawn from ``generator``)."""
+    the recorded step; NFT: a timestep per sample and fresh noise, drawn from ``generator``; with
+    ``nft.timestep_sampling == "sampler"`` the timesteps come from ``sampler_timesteps``)."""
     rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
     if config.algorithm == "grpo":
         keep = update_mask(batch.advantages, batch.constant_group, config.train.filter_zero_advantage)
@@ -206,7 +208,6 @@ def update_inputs(config, pipeline, batch, generator):
             else:  # nothing to learn here, but every rank must make the same backward calls
                 loss_scale = 0.0
         return rollouts, advantages, loss_scale, lambda unit: (unit,)
-    sampler_timesteps = pipeline.schedule(config.sample.num_steps)[0] if config.nft.timestep_sampling == "sampler" else None
     timesteps = draw_timesteps(config.nft.timestep_sampling, num_train_steps(config), rollouts.batch_size,
                                sampler_timesteps=sampler_timesteps,
                                num_train_timesteps=pipeline.scheduler.config.num_train_timesteps, generator=generator)
@@ -221,12 +222,16 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     generator = seeded_generator(config.seed, "shuffle", epoch, accelerator.process_index)
     loss_fn = step_loss if config.algorithm == "grpo" else nft_step_loss
+    # The sampling schedule's timesteps, once per epoch (NFT's default timestep draws).
+    sampler_timesteps = (pipeline.schedule(config.sample.num_steps)[0]
+                         if config.algorithm != "grpo" and config.nft.timestep_sampling == "sampler" else None)
     stats = []
     for inner in range(config.train.num_inner_epochs):
         order = torch.randperm(len(batches), generator=generator).tolist()
         bar = tqdm(order, desc=f"epoch {epoch}.{inner}: training", disable=not accelerator.is_local_main_process)
         for batch_index in bar:
-            rollouts, advantages, loss_scale, unit_args = update_inputs(config, pipeline, batches[batch_index], generator)
+            rollouts, advantages, loss_scale, unit_args = update_inputs(config, pipeline, batches[batch_index], generator,
+                                                                        sampler_timesteps)
             for unit in range(num_train_steps(config)):
                 with accelerator.accumulate(transformer), accelerator.autocast():
                     loss, step_stats = loss_fn(config, accelerator, pipeline, transformer, rollouts, advantages,

@@ -103,6 +103,16 @@ def build_scheduler():
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
+def build_wan_unipc_scheduler(flow_shift: float = 3.0):
+    """The real Wan2.1 scheduler, built offline from its published config (shift 3: VACE-1.3B and
+    T2V-1.3B; Phantom uses 5)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from identity_grpo.schedules import WAN_UNIPC_SCHEDULER_CONFIG
+
+    return UniPCMultistepScheduler(**{**WAN_UNIPC_SCHEDULER_CONFIG, "flow_shift": flow_shift})
+
+
 def _tiny_components(seed: int, build_transformer) -> dict:
     """Tokenizer, text encoder, VAE, ``build_transformer()`` and scheduler, seeded in that order."""
     torch.manual_seed(seed)

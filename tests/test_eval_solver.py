@@ -15,17 +15,17 @@ from PIL import Image
 
 from identity_grpo.pipelines.phantom import PhantomRolloutPipeline, fit_on_white_canvas
 from identity_grpo.pipelines.vace import VaceRolloutPipeline, frames_to_uint8
-from identity_grpo.schedules import WAN_UNIPC_SCHEDULER_CONFIG
-from identity_grpo.testing import build_tiny_phantom_dit, build_tiny_t2v_pipeline, build_tiny_vace_pipeline
+from identity_grpo.testing import (
+    build_tiny_phantom_dit,
+    build_tiny_t2v_pipeline,
+    build_tiny_vace_pipeline,
+    build_wan_unipc_scheduler,
+)
 
 H = W = 32
 FRAMES = 5
 STEPS = 6
 SEQ = 16
-
-
-def unipc(flow_shift: float) -> UniPCMultistepScheduler:
-    return UniPCMultistepScheduler(**{**WAN_UNIPC_SCHEDULER_CONFIG, "flow_shift": flow_shift})
 
 
 def faces():
@@ -35,7 +35,7 @@ def faces():
 @pytest.fixture(scope="module")
 def vace_pipe():
     pipe = build_tiny_vace_pipeline(seed=0)
-    pipe.scheduler = unipc(3.0)  # Wan2.1-VACE-1.3B's published scheduler
+    pipe.scheduler = build_wan_unipc_scheduler(3.0)  # Wan2.1-VACE-1.3B's published scheduler
     return pipe
 
 
@@ -62,7 +62,7 @@ def test_vace_eval_equals_stock_pipeline_with_unipc(vace_pipe, num_refs):
 def phantom_pipe():
     pipe = build_tiny_t2v_pipeline(seed=0)
     pipe.transformer = build_tiny_phantom_dit(seed=1)
-    pipe.scheduler = unipc(5.0)  # Wan2.1-T2V-1.3B's scheduler with Phantom's shift
+    pipe.scheduler = build_wan_unipc_scheduler(5.0)  # Wan2.1-T2V-1.3B's scheduler with Phantom's shift
     return pipe
 
 
@@ -114,7 +114,7 @@ def test_phantom_eval_equals_the_official_loop_with_unipc(phantom_pipe, monkeypa
 def test_official_phantom_grid_is_the_v035_table():
     from identity_grpo.schedules import unipc_flow_table_v035
 
-    scheduler = unipc(5.0)
+    scheduler = build_wan_unipc_scheduler(5.0)
     scheduler.set_timesteps(sigmas=np.linspace(0.999, 0.0, 50 + 1)[:-1].copy())
     timesteps, sigmas = unipc_flow_table_v035(50, 5.0)
     assert torch.equal(scheduler.timesteps.cpu(), timesteps)

@@ -1,7 +1,7 @@
 """The SDE on the real Wan2.1 scheduler configurations, and diffusers 0.35's sigma table.
 
 The schedulers are built offline from the published scheduler_config.json values
-(identity_grpo.schedules.WAN_UNIPC_SCHEDULER_CONFIG): UniPC with flow shift 3.0 (VACE-1.3B,
+(identity_grpo.testing.build_wan_unipc_scheduler): UniPC with flow shift 3.0 (VACE-1.3B,
 T2V-1.3B) and 5.0 (Phantom).
 """
 
@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler
 
-from identity_grpo.schedules import WAN_UNIPC_SCHEDULER_CONFIG, is_flow_unipc, unipc_flow_table_v035
+from identity_grpo.schedules import is_flow_unipc, unipc_flow_table_v035
 from identity_grpo.sde import NOISE_SCHEDULES, sde_step
+from identity_grpo.testing import build_wan_unipc_scheduler
 
 # diffusers 0.35.0's UniPCMultistepScheduler(**WAN_UNIPC_SCHEDULER_CONFIG).set_timesteps(25), as printed by that
 # release (sigmas rounded to 6 decimals): the table upstream Identity-GRPO trains on.
@@ -22,10 +22,6 @@ V035_TIMESTEPS_25 = [999, 985, 971, 956, 939, 922, 904, 884, 864, 841, 817, 792,
 V035_SIGMAS_25 = [0.999666, 0.985963, 0.971489, 0.956175, 0.939947, 0.922722, 0.904403, 0.884883, 0.864040,
                   0.841736, 0.817810, 0.792079, 0.764331, 0.734319, 0.701754, 0.666296, 0.627542, 0.585009,
                   0.538116, 0.486158, 0.428265, 0.363361, 0.290088, 0.206718, 0.111008, 0.0]
-
-
-def wan_scheduler(flow_shift: float = 3.0) -> UniPCMultistepScheduler:
-    return UniPCMultistepScheduler(**{**WAN_UNIPC_SCHEDULER_CONFIG, "flow_shift": flow_shift})
 
 
 def test_v035_table_matches_diffusers_0_35():
@@ -39,7 +35,7 @@ def test_v035_table_matches_diffusers_0_35():
 def test_v035_table_is_the_installed_schedulers_shift_of_the_old_grid(steps, shift):
     """Cross-check of the hand-written table against the installed diffusers' own shift code: the
     0.35 grid passed as custom sigmas (diffusers >= 0.37) gives the same table."""
-    scheduler = wan_scheduler(shift)
+    scheduler = build_wan_unipc_scheduler(shift)
     if "sigmas" not in scheduler.set_timesteps.__code__.co_varnames:
         pytest.skip("the installed diffusers (< 0.37) takes no custom sigmas; its own table is the 0.35 one")
     grid = np.flip(1.0 - np.linspace(1, 1 / 1000, steps + 1))[:-1].copy()
@@ -54,7 +50,7 @@ def test_installed_table_differs_from_upstreams_and_the_pipeline_picks_by_config
     from identity_grpo.testing import build_tiny_vace_pipeline
 
     pipe = build_tiny_vace_pipeline(seed=0)
-    pipe.scheduler = wan_scheduler(3.0)
+    pipe.scheduler = build_wan_unipc_scheduler(3.0)
     pipeline = VaceRolloutPipeline(pipe)
     assert is_flow_unipc(pipe.scheduler)
     installed_timesteps, installed_sigmas = pipeline.schedule(25)
@@ -75,7 +71,7 @@ def test_sde_rollout_on_the_wan_schedule_stays_bounded(schedule, table, flow_shi
     end near x0 for every noise form. Before the flow_grpo denominator was bounded by sigma_max, the
     first step's std on the installed table (sigma_0 = 1 - 1e-6) was ~81 at noise level 0.7."""
     if table == "installed":
-        scheduler = wan_scheduler(flow_shift)
+        scheduler = build_wan_unipc_scheduler(flow_shift)
         scheduler.set_timesteps(25)
         sigmas = scheduler.sigmas.float()
     else:
