@@ -8,7 +8,10 @@ training loop (``loop.evaluate``: eval size, ``sample.eval_num_steps``, the ODE 
 ``sample.eval_sde``, fixed initial noise per row), so a row's video depends only on the row, the
 seed and the weights, not on the number of GPUs. Rows are sharded over ranks; each rank writes
 its own videos and reference copies, and the main process writes ``scores.csv`` and
-``summary.json``. Output layout and options: docs/testing.md.
+``summary.json``. Output layout and options: docs/testing.md. Besides the rewards, every video gets
+the FaceSim columns of ``config.facesim`` with the copy-paste diagnostic, and the ``OpenS2V/<metric>``
+columns of ``config.opens2v`` (Motion; FaceSim-Arc, FaceSim-Cur and Aesthetics from local weights;
+docs/rewards.md says which compare with OpenS2V-Eval's leaderboard).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from absl import app, flags
 from accelerate import Accelerator, PartialState
@@ -29,6 +33,7 @@ from ml_collections import config_flags
 from identity_grpo.configuration import validate_config
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.loop import evaluate, make_unique_dir, write_video
+from identity_grpo.metrics.opens2v_eval import OpenS2VMetrics, validate_opens2v_config
 from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
 from identity_grpo.report import write_report
 from identity_grpo.rewards import build_reward_fn
@@ -66,7 +71,17 @@ def facesim_scores(scorer: FaceSimScorer | None, dataset, rows: list[dict]) -> N
         row.update(copy_paste_columns(copy_paste.score(frames, references))[0])
 
 
-def generate_variant(name, pipeline, dataset, reward_fn, scorer, config, accelerator, out_dir: Path,
+def opens2v_scores(metrics: OpenS2VMetrics, dataset, rows: list[dict]) -> None:
+    """Add the OpenS2V/<metric> columns the config turns on (Motion, FaceSim-Arc/Cur, Aesthetics)
+    to every row in place."""
+    if not metrics.enabled:
+        return
+    for row in rows:
+        references = [np.asarray(image.convert("RGB")) for image in dataset.load_references(row["index"])]
+        row.update(metrics.columns(row["frames"].cpu().numpy(), references))
+
+
+def generate_variant(name, pipeline, dataset, reward_fn, scorer, opens2v, config, accelerator, out_dir: Path,
                      variant_dir: Path, references: dict[int, list[str]]) -> list[dict]:
     """Generate and score this rank's share of the test rows and write their videos to
     ``<variant_dir>/videos``; return every rank's rows (paths relative to ``out_dir``, no frames),
@@ -74,6 +89,7 @@ def generate_variant(name, pipeline, dataset, reward_fn, scorer, config, acceler
     logger.info("generating the test set with the %s model", name)
     _, rows = evaluate(pipeline, dataset, reward_fn, config, accelerator)
     facesim_scores(scorer, dataset, rows)
+    opens2v_scores(opens2v, dataset, rows)
     (variant_dir / "videos").mkdir(parents=True, exist_ok=True)
     fps = int(config.get("video_fps", 16))
     for row in rows:
@@ -127,6 +143,7 @@ def run_inference(config, config_name: str = "") -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     init_logging(accelerator)
     validate_config(config, accelerator.num_processes, training=False, check_files=True)
+    validate_opens2v_config(config)
     logger.info("resolved config:\n%s", config)
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     lora_path = config.train.lora_path
@@ -145,6 +162,7 @@ def run_inference(config, config_name: str = "") -> Path:
     pipeline.transformer.eval()
     reward_fn = build_reward_fn(config, accelerator.device)
     scorer = FaceSimScorer.from_config(config, accelerator.device) if backend_configured(config) else None
+    opens2v = OpenS2VMetrics.from_config(config, accelerator.device)
 
     parent = config.get("test_save_dir", "") or config.logdir
     out_dir = make_unique_dir(parent, f"test_{config.run_name or 'run'}", accelerator)
@@ -153,14 +171,15 @@ def run_inference(config, config_name: str = "") -> Path:
         (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
     logger.info(
         "***** inference *****\n  processes = %d\n  test rows = %d\n  videos: %dx%d, %d frames, %d steps (%s)"
-        "\n  LoRA = %s\n  baseline = %s\n  output = %s",
+        "\n  LoRA = %s\n  baseline = %s\n  OpenS2V metrics = %s\n  output = %s",
         accelerator.num_processes, len(test_set), config.eval_height, config.eval_width, config.eval_frames,
         config.sample.eval_num_steps, "SDE" if config.sample.eval_sde else "ODE", lora_path or "none (base model)",
-        eval_baseline, out_dir,
+        eval_baseline, ", ".join(opens2v.names) or "none", out_dir,
     )
 
     try:
-        write_results(config, config_name, accelerator, pipeline, test_set, reward_fn, scorer, out_dir, eval_baseline)
+        write_results(config, config_name, accelerator, pipeline, test_set, reward_fn, scorer, opens2v, out_dir,
+                      eval_baseline)
     except BaseException:
         if accelerator.is_main_process:
             clean_up_failed_run(out_dir)
@@ -188,7 +207,7 @@ def clean_up_failed_run(out_dir: Path) -> None:
                  out_dir, len(videos))
 
 
-def write_results(config, config_name, accelerator, pipeline, test_set, reward_fn, scorer, out_dir: Path,
+def write_results(config, config_name, accelerator, pipeline, test_set, reward_fn, scorer, opens2v, out_dir: Path,
                   eval_baseline: bool) -> None:
     """Generate every variant, write videos, ``scores.csv`` and ``summary.json`` to ``out_dir``."""
     lora_path = config.train.lora_path
@@ -202,8 +221,8 @@ def write_results(config, config_name, accelerator, pipeline, test_set, reward_f
     for name, adapter in variants:
         variant_dir = out_dir / name if eval_baseline else out_dir
         with adapter:
-            results[name] = generate_variant(name, pipeline, test_set, reward_fn, scorer, config, accelerator,
-                                             out_dir, variant_dir, references)
+            results[name] = generate_variant(name, pipeline, test_set, reward_fn, scorer, opens2v, config,
+                                             accelerator, out_dir, variant_dir, references)
 
     # ---------------------------------------------------------------- write
     if accelerator.is_main_process:

@@ -3,6 +3,8 @@
     accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml \
         train_wan2_1_vace.py --config config/dgx.py:vace [--config.train.beta=0.01 ...]
 
+(``fsdp2.yaml`` instead shards the transformer with FSDP2, e.g. for ``config/dgx.py:vace14b``.)
+
 Each epoch: sample K videos per drawn (prompt, references) item -> score them ->
 group-normalised advantages -> update the LoRA weights. ``config.algorithm`` picks the sampler
 and the update: "grpo" (SDE rollouts, clipped ratio on the recorded steps), "nft"
@@ -21,13 +23,14 @@ import torch
 from absl import app, flags
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from identity_grpo.advantages import update_mask, zero_std_mask
 from identity_grpo.checkpoint import (
+    full_tensor,
     load_checkpoint,
     reporting_write_errors,
     resolve_checkpoint,
@@ -48,11 +51,13 @@ from identity_grpo.loop import (
     log_rollout_videos,
     make_unique_dir,
     mean_stats,
+    reward_models_on,
     rollout_rows,
+    run_prompts,
     sde_config,
     seeded_generator,
 )
-from identity_grpo.models import DTYPES, add_lora, load_rollout_pipeline
+from identity_grpo.models import DTYPES, add_lora, fsdp2_mesh, fsdp2_plugin, load_rollout_pipeline, shard_transformer
 from identity_grpo.pipelines.vace import Rollouts
 from identity_grpo.report import write_report
 from identity_grpo.rewards import RewardInputs, build_reward_fn
@@ -98,6 +103,8 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
             ])
         rollouts, inputs = rollout_rows(pipeline, dataset, drawn.indices, config, generator=generator,
                                         group_ids=drawn.group_ids, latents=latents, step=step)
+        if config.sample.offload_rollouts:  # update_inputs brings each batch back while training
+            rollouts = rollouts.to("cpu")
         pending.append((rollouts, inputs, executor.submit(reward_fn, inputs)))
     batches = []
     for rollouts, inputs, future in pending:
@@ -198,7 +205,8 @@ def update_inputs(config, pipeline, batch, generator, sampler_timesteps=None):
     ``unit_args(unit)`` gives the loss arguments that differ between its backward passes (GRPO:
     the recorded step; NFT: a timestep per sample and fresh noise, drawn from ``generator``; with
     ``nft.timestep_sampling == "sampler"`` the timesteps come from ``sampler_timesteps``)."""
-    rollouts, advantages, loss_scale = batch.rollouts, batch.advantages, 1.0
+    # On the accelerator (a no-op unless sample.offload_rollouts left the record on the CPU).
+    rollouts, advantages, loss_scale = batch.rollouts.to(pipeline.device), batch.advantages, 1.0
     if config.algorithm == "grpo":
         keep = update_mask(batch.advantages, batch.constant_group, config.train.filter_zero_advantage)
         if not bool(keep.all()):
@@ -238,8 +246,8 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                                                *unit_args(unit))
                     accelerator.backward(loss * loss_scale)
                     if accelerator.sync_gradients:
-                        step_stats["grad_norm"] = torch.as_tensor(
-                            accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)).detach()
+                        step_stats["grad_norm"] = full_tensor(torch.as_tensor(
+                            accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm))).detach()
                     optimizer.step()
                     optimizer.zero_grad()
                 stats.append(step_stats)
@@ -257,9 +265,10 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
 
 
 def replica_checksums(parameters, accelerator) -> list[float]:
-    """Every rank's sum of its trainable weights; DDP keeps them equal, so unequal sums mean a
-    broken run (e.g. a rank skipped a backward call) and raise."""
-    local = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+    """Every rank's sum of its trainable weights, whole (FSDP2 gathers each rank's shard group);
+    DDP replicas and hybrid-sharded groups keep them equal, so unequal sums mean a broken run
+    (e.g. a rank skipped a backward call) and raise."""
+    local = torch.stack([full_tensor(p.detach()).double().sum() for p in parameters]).sum().reshape(1)
     sums = accelerator.gather(local.to(accelerator.device)).tolist()
     if max(sums) - min(sums) > 1e-9 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"LoRA weights differ between ranks (checksums {sums}); the run is not in sync")
@@ -315,19 +324,29 @@ def train(config) -> dict:
 
     dtype = DTYPES[config.mixed_precision]
     pipeline = load_rollout_pipeline(config, accelerator.device, dtype)
+    if config.train.cache_prompt_embeds:  # every prompt encoded now; the text encoder leaves the accelerator
+        pipeline.cache_prompt_embeds(run_prompts(config, train_set, test_set), config.sample.max_sequence_length)
     transformer = add_lora(pipeline.transformer, config)
     forward_process = config.algorithm != "grpo"
     if forward_process:
         add_old_policy(transformer)  # the sampling policy: a frozen copy, EMA'd after every epoch
     if config.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    # FSDP2 (accelerate config fsdp2*.yaml): shard before the optimizer is built on the shards.
+    fsdp = fsdp2_plugin(accelerator)
+    if fsdp is not None:
+        shard_transformer(transformer, fsdp, fsdp2_mesh(accelerator), dtype)
     pipeline.transformer = transformer
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
         weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon,
     )
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if fsdp is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # CPU ranks (accelerate's MULTI_CPU would wrap the sharded model in DDP): the optimizer only.
+        optimizer = accelerator.prepare(optimizer)
+    else:  # accelerate's FSDP2 leaves the sharded model as it is
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
     # After prepare: DDP has broadcast rank 0's LoRA initialisation, so every rank's EMA starts equal.
     ema = EMAModel(trainable, decay=config.train.ema_decay) if config.train.ema else None
     first_epoch, global_step = 0, 0
@@ -345,6 +364,9 @@ def train(config) -> dict:
         rank=accelerator.process_index, seed=config.seed,
     )
     reward_fn = build_reward_fn(config, accelerator.device)
+    if config.reward_model.offload:  # on the accelerator only while sampling and evaluating
+        reward_fn.to("cpu")
+    on_device = dict(reward_fn=reward_fn, device=accelerator.device, offload=config.reward_model.offload)
     executor = ThreadPoolExecutor(max_workers=1)
 
     videos_per_epoch = config.sample.train_batch_size * accelerator.num_processes * config.sample.num_batches_per_epoch
@@ -364,7 +386,7 @@ def train(config) -> dict:
     zero_advantage_epochs = []
     for epoch in range(first_epoch, config.num_epochs):
         if config.eval_freq and epoch % config.eval_freq == 0:
-            with ema_weights(ema, trainable):
+            with ema_weights(ema, trainable), reward_models_on(**on_device):
                 means, rows = evaluate(pipeline, test_set, reward_fn, config, accelerator)
             if first_eval is None:  # the "before" videos of the report's gallery
                 log_eval_videos(run_dir / "eval" / f"epoch_{epoch:05d}", rows, test_set, config.video_fps)
@@ -373,7 +395,8 @@ def train(config) -> dict:
             logger.info("epoch %d eval: %s", epoch, means)
 
         transformer.eval()
-        with active_adapter(accelerator.unwrap_model(transformer), OLD) if forward_process else nullcontext():
+        with active_adapter(accelerator.unwrap_model(transformer), OLD) if forward_process else nullcontext(), \
+                reward_models_on(**on_device):
             batches = sample_epoch(epoch, config, accelerator, pipeline, train_set, sampler, reward_fn, executor)
         reward_metrics = assign_advantages(batches, config, accelerator)
         accelerator.log({**reward_metrics, "epoch": epoch}, step=global_step)
@@ -397,25 +420,25 @@ def train(config) -> dict:
             update_old_policy(accelerator.unwrap_model(transformer),
                               old_policy_decay(global_step, config.nft.old_policy_decay_type))
         if config.save_freq and (epoch + 1) % config.save_freq == 0:
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, epoch=epoch + 1, global_step=global_step, optimizer=optimizer, ema=ema,
-                                peft_model=accelerator.unwrap_model(transformer),
-                                limit=config.num_checkpoint_limit,
-                                old_policy=old_policy_state(accelerator.unwrap_model(transformer))
-                                if forward_process else None)
+            # On every rank (FSDP2 gathers the shards); the main process writes.
+            save_checkpoint(run_dir, epoch=epoch + 1, global_step=global_step, optimizer=optimizer, ema=ema,
+                            peft_model=accelerator.unwrap_model(transformer),
+                            limit=config.num_checkpoint_limit,
+                            old_policy=old_policy_state(accelerator.unwrap_model(transformer))
+                            if forward_process else None, is_main_process=accelerator.is_main_process)
             accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- finish
     # The weights are written before the final evaluation (eval size and steps: the longest
     # sampling of the run), so a failure there loses no training.
     checksums = replica_checksums(trainable, accelerator)
-    if accelerator.is_main_process:
-        with reporting_write_errors(run_dir / "lora", "the trained LoRA"):
-            save_lora(accelerator.unwrap_model(transformer), run_dir)
-            if ema is not None:
-                with ema_weights(ema, trainable):
-                    save_lora(accelerator.unwrap_model(transformer), run_dir / "ema")
-    with ema_weights(ema, trainable):
+    with reporting_write_errors(run_dir / "lora", "the trained LoRA"):  # every rank gathers, the main one writes
+        save_lora(accelerator.unwrap_model(transformer), run_dir, is_main_process=accelerator.is_main_process)
+        if ema is not None:
+            with ema_weights(ema, trainable):
+                save_lora(accelerator.unwrap_model(transformer), run_dir / "ema",
+                          is_main_process=accelerator.is_main_process)
+    with ema_weights(ema, trainable), reward_models_on(**on_device):
         means, rows = evaluate(pipeline, test_set, reward_fn, config, accelerator)
     log_eval_videos(run_dir / "eval" / f"epoch_{config.num_epochs:05d}", rows, test_set, config.video_fps)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)

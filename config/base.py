@@ -154,6 +154,15 @@ def get_config() -> ml_collections.ConfigDict:
     sample.fast_branch = False
     # Give every member of a group the same initial noise (exploration then comes from the SDE).
     sample.same_latent = False
+    # Memory (docs/performance.md, "Memory plan"). dtype of the recorded rollout states (latents
+    # and next_latents, the bulk of a rollout record): "fp32", "bf16" or "fp16". Below fp32 the
+    # recorded steps act on the rounded states and score the rounded actions, so the first
+    # update's importance ratio is still exactly 1; the sampled videos move by the rounding.
+    sample.store_dtype = "fp32"
+    # Move each sampling batch's rollout record to the CPU as soon as it is sampled and back to
+    # the accelerator one batch at a time while training (same numbers, less accelerator memory
+    # for num_batches_per_epoch > 1; costs a host round trip per batch).
+    sample.offload_rollouts = False
 
     # ---------------------------------------------------------------- algorithm
     # The update: "grpo" (Flow-GRPO / Identity-GRPO: SDE rollouts, recorded log-probs, clipped
@@ -235,6 +244,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.ema_per_sampling_batch = False
     # Recompute activations in the backward pass (less memory, ~30% slower).
     train.gradient_checkpointing = True
+    # Encode every prompt of the train and test sets (and the negative prompt) once at start-up,
+    # keep the embeddings on the CPU and move the text encoder (UMT5-XXL, ~11 GB in bf16) off the
+    # accelerator for the rest of the run. Same embeddings as encoding per batch.
+    train.cache_prompt_embeds = False
 
     # ---------------------------------------------------------------- rewards
     # Reward name -> weight; the weighted sum is the GRPO reward. See identity_grpo/rewards.
@@ -264,5 +277,36 @@ def get_config() -> ml_collections.ConfigDict:
     reward_model.mp4_roundtrip = False
     # Base Qwen2.5-VL folder for reward models in the upstream release layout ("": as recorded).
     reward_model.base_model = ""
+    # Keep the reward model on the CPU while the generator trains: it moves to the accelerator
+    # before each sampling phase and evaluation and back once every rollout is scored (same scores;
+    # frees its ~7.5 GB (Qwen2.5-VL-3B, bf16) during the update, for two host copies per epoch).
+    reward_model.offload = False
+
+    # ---------------------------------------------------------------- OpenS2V-Eval metrics (batch inference)
+    # Columns OpenS2V/<metric> that test_wan2_1_vace.py adds to every video, base and LoRA, computed
+    # as OpenS2V-Eval computes them (identity_grpo/metrics/opens2v_eval.py; docs/rewards.md says
+    # which numbers compare with its leaderboard). Weights are local paths only, never downloaded;
+    # an empty path turns its metric off; a path that does not exist fails at start-up.
+    config.opens2v = opens2v = ml_collections.ConfigDict()
+    # Motion: Farneback optical flow of every frame (needs OpenCV only).
+    opens2v.motion = True
+    # FaceSim-Arc: a local insightface model folder holding a detection and a recognition .onnx
+    # file (OpenS2V's: <OpenS2V-Weight>/face_extractor/models/buffalo_l). Also FaceSim-Cur's detector.
+    opens2v.face_models_dir = ""
+    # The detector's input side (OpenS2V: 320) and score threshold (insightface's default 0.5).
+    opens2v.det_size = 320
+    opens2v.det_thresh = 0.5
+    # FaceSim-Cur: the CurricularFace IR-101 weights file (glint360k_curricular_face_r101_backbone.bin);
+    # needs face_models_dir.
+    opens2v.curricularface_path = ""
+    # Aesthetics: a local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) and the LAION
+    # aesthetic MLP weights (OpenS2V's aesthetic-model.pth); both or neither.
+    opens2v.clip_path = ""
+    opens2v.aesthetic_head_path = ""
+    # Frames sampled per video for FaceSim and Aesthetics (OpenS2V: 32; Motion uses every frame).
+    opens2v.num_frames = 32
+    # Clipped zeros in the FaceSim means: "opens2v" (as its code: kept in Arc's, dropped from
+    # Cur's), "keep" or "drop" (both alike).
+    opens2v.zero_handling = "opens2v"
 
     return config

@@ -56,6 +56,25 @@ def vace():
     return config
 
 
+def vace14b():
+    """Wan2.1-VACE-14B (diffusers) with ``vace``'s GRPO settings and sizes, sharded with FSDP2 over
+    8 GPUs of a node (the bf16 transformer is 28 GB, the base replicated per GPU under DDP):
+
+        accelerate launch --config_file scripts/accelerate_configs/fsdp2.yaml \
+            train_wan2_1_vace.py --config config/dgx.py:vace14b
+
+    Several nodes: scripts/accelerate_configs/fsdp2_hybrid_multi_node.yaml (sharded within a
+    node, replicated across nodes). Gradient checkpointing stays on (``vace``'s default). Not yet
+    run on GPUs; the 1.3B architecture's real-size CPU test and the FSDP2 CPU tests are what is
+    verified (docs/performance.md).
+    """
+    config = vace()
+    config.run_name = "vace14b_identity_grpo"
+    config.pretrained.model = "Wan-AI/Wan2.1-VACE-14B-diffusers"
+    config.train.gradient_checkpointing = True
+    return config
+
+
 def tiny():
     """Tiny random models built offline on first use: the CPU quick start and the tests.
 
@@ -128,6 +147,26 @@ def _phantom_sampling(config):
     config.sample.flow_shift = 5.0
     # The official Phantom grid, linspace(0.999, 0, N + 1)[:-1] shifted, is diffusers 0.35's table.
     config.sample.sigma_table = "v0.35"
+    return config
+
+
+def tiny_world():
+    """The pretrained tiny world (docs/tiny_world.md): a Wan VAE and VACE transformer trained on
+    the world's cartoon people by ``scripts/build_tiny_world.py``, the world's data set, the ODE
+    for evaluation. Trains the learned identity reward (when built) and logs the world's own
+    identity check beside it."""
+    config = tiny()
+    config.run_name = "tiny_world"
+    config.dataset = "dataset/tiny_world"
+    config.pretrained.model = "dataset/tiny_world/models/wan_vace"
+    config.pretrained.reward_model = "dataset/tiny_world/models/identity_reward"
+    config.pretrained.build_tiny = False
+    config.sample.num_steps = 8
+    config.sample.eval_num_steps = 8
+    config.sample.guidance_scale = 3.0
+    config.sample.noise_level = 0.7
+    config.sample.eval_sde = False
+    config.reward_fn = {"identity": 1.0, "world_identity": 0.0}
     return config
 
 
@@ -206,7 +245,7 @@ def tiny_evoid():
 
 
 def get_config(name):
-    presets = {"vace": vace, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
+    presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "tiny_world": tiny_world, "phantom": phantom, "phantom_tiny": phantom_tiny,
                "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
                "vace_evoid": vace_evoid, "tiny_evoid": tiny_evoid}
     if name not in presets:

@@ -13,6 +13,11 @@ unpickled, the safetensors read); resuming from a run folder falls back past a b
 checkpoint to the latest complete one and logs which and why. A failed write (full disk) names
 the path and removes only its own temporary folder.
 Written by hand because ``accelerator.save_state`` would store the frozen 1.3B base weights too.
+
+Under FSDP2 every parameter, optimizer state and EMA weight is a DTensor holding this rank's
+shard. Saving gathers the LoRA-sized tensors whole (a collective: every rank calls the save
+functions, the main process writes), so a checkpoint has the same files whether it was written
+under DDP or FSDP2, and either can resume it; loading cuts each tensor back into the rank's shard.
 """
 
 from __future__ import annotations
@@ -44,27 +49,62 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and what to do."""
 
 
-def diffusers_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """The adapter weights keyed as the diffusers LoRA loaders expect (no peft wrapper prefix)."""
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (an FSDP2 shard) is all-gathered, a collective that every rank
+    must call in the same order; any other tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole ``tensor`` cut as ``like`` is: this rank's shard when ``like`` is a DTensor (no
+    communication: every rank holds the whole tensor), else ``tensor`` on ``like``'s device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return tensor.to(like.device)
+    return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def adapter_state_dict(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """``adapter``'s LoRA tensors whole, on the CPU, keyed as in ``peft_model.state_dict()``
+    (collective under FSDP2: call it on every rank)."""
+    marker = f".{adapter}."
+    return {name: full_tensor(p.detach()).cpu() for name, p in peft_model.named_parameters()
+            if marker in f"{name}." and "lora_" in name}
+
+
+def diffusers_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights keyed as the diffusers LoRA loaders expect (no peft wrapper prefix);
+    from ``state_dict`` (:func:`adapter_state_dict`) when given."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model)
+    state = get_peft_model_state_dict(peft_model, state_dict=state_dict)
     prefix = "base_model.model."
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v.detach().cpu() for k, v in state.items()}
+    return {k.removeprefix(prefix): v.detach().cpu() for k, v in state.items()}
 
 
-def save_lora(peft_model, folder: Path, pipeline_class=None) -> None:
+def save_lora(peft_model, folder: Path, pipeline_class=None, *, is_main_process: bool = True) -> None:
     """``folder/lora`` (peft) and ``folder/lora_diffusers`` (``pipe.load_lora_weights`` format,
-    with the adapter config as metadata so alpha survives)."""
-    if pipeline_class is None:
-        from diffusers import WanVACEPipeline as pipeline_class
+    with the adapter config as metadata so alpha survives). Call it on every rank (under FSDP2 the
+    weights are gathered first); only ``is_main_process`` writes."""
     # Only the trained adapter: the forward-process objectives' "old" adapter is checkpoint state
     # (old_policy.pt), not part of the result.
-    peft_model.save_pretrained(folder / "lora", selected_adapters=["default"])
+    state_dict = adapter_state_dict(peft_model)
+    if is_main_process:
+        _write_lora(peft_model, folder, state_dict, pipeline_class)
+
+
+def _write_lora(peft_model, folder: Path, state_dict: dict[str, torch.Tensor], pipeline_class=None) -> None:
+    """The two LoRA formats of :func:`save_lora`, from the gathered ``state_dict``."""
+    if pipeline_class is None:
+        from diffusers import WanVACEPipeline as pipeline_class
+    peft_model.save_pretrained(folder / "lora", selected_adapters=["default"], state_dict=state_dict)
     config = peft_model.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     pipeline_class.save_lora_weights(
-        folder / "lora_diffusers", transformer_lora_layers=diffusers_lora_state_dict(peft_model),
+        folder / "lora_diffusers", transformer_lora_layers=diffusers_lora_state_dict(peft_model, state_dict),
         transformer_lora_adapter_metadata=config,
     )
 
@@ -102,13 +142,34 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with every state tensor whole and on the CPU (collective under FSDP2)."""
+    state = optimizer.state_dict()
+    return {**state, "state": {index: {key: full_tensor(value).cpu() if torch.is_tensor(value) else value
+                                       for key, value in per_parameter.items()}
+                               for index, per_parameter in state["state"].items()}}
+
+
+def full_ema_state(ema) -> dict:
+    """``ema.state_dict()`` (a diffusers ``EMAModel``) with whole shadow weights on the CPU (collective under FSDP2)."""
+    state = ema.state_dict()
+    return {**state, "shadow_params": [full_tensor(p).cpu() for p in state["shadow_params"]]}
+
+
 def save_checkpoint(run_dir: Path, *, epoch: int, global_step: int, peft_model, optimizer, ema=None,
                     limit: int = 0, extra_state: dict | None = None,
-                    old_policy: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``checkpoint-<epoch>`` atomically (main process only); keep the newest ``limit``.
+                    old_policy: dict[str, torch.Tensor] | None = None, is_main_process: bool = True) -> Path | None:
+    """Write ``checkpoint-<epoch>`` atomically; keep the newest ``limit``. Call it on every rank
+    (under FSDP2 the LoRA, optimizer and EMA tensors are gathered first); only ``is_main_process``
+    writes, and gets the folder (the others None).
 
     A failed write (e.g. a full disk) removes the temporary folder and raises ``OSError`` naming
     it; the earlier checkpoints are untouched."""
+    lora_state = adapter_state_dict(peft_model)
+    optimizer_state = full_optimizer_state(optimizer)
+    ema_state = full_ema_state(ema) if ema is not None else None
+    if not is_main_process:
+        return None
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{epoch:06d}"
@@ -117,10 +178,10 @@ def save_checkpoint(run_dir: Path, *, epoch: int, global_step: int, peft_model, 
     try:
         with reporting_write_errors(staging, "a checkpoint"):
             staging.mkdir()
-            save_lora(peft_model, staging)
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            if ema is not None:
-                torch.save(ema.state_dict(), staging / "ema.pt")
+            _write_lora(peft_model, staging, lora_state)
+            torch.save(optimizer_state, staging / "optimizer.pt")
+            if ema_state is not None:
+                torch.save(ema_state, staging / "ema.pt")
             if old_policy is not None:
                 torch.save(old_policy, staging / "old_policy.pt")
             state = {"epoch": epoch, "global_step": global_step, "run_name": Path(run_dir).name, **(extra_state or {})}
@@ -243,12 +304,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None, old_policy: bool = False) -> dict:
     """Restore LoRA, optimizer, EMA and (``old_policy``) the forward-process objectives' old
-    adapter from a checked checkpoint; returns its ``state.json``."""
+    adapter from a checked checkpoint; returns its ``state.json``. Under FSDP2 each rank keeps its
+    shard of every tensor."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from identity_grpo.old_policy import TRAINED, named_adapter_parameters
+
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "lora" / "adapter_model.safetensors")
+    parameters = named_adapter_parameters(peft_model, TRAINED)
+    for key, value in weights.items():
+        if key in parameters and value.shape != parameters[key].shape:
+            raise CheckpointError(f"{path}/lora/adapter_model.safetensors does not fit this model's LoRA ({key}: "
+                                  f"{tuple(value.shape)} in the file, {tuple(parameters[key].shape)} in the model); "
+                                  "resume with the config the run was started with (train.lora_rank, pretrained.model)")
+        if key in parameters:
+            weights[key] = shard_like(value, parameters[key])
     try:
         result = set_peft_model_state_dict(peft_model, weights)
     except RuntimeError as error:  # shape mismatch: another lora_rank or base model
@@ -257,8 +329,15 @@ def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None, old_policy: 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"{path}/lora does not match this model's LoRA (unexpected keys {unexpected[:5]})")
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, per_parameter in optimizer_state["state"].items():
+        if index < len(optimized):  # else load_state_dict below reports the mismatch
+            like = optimized[index]
+            per_parameter.update({key: shard_like(value, like) for key, value in per_parameter.items()
+                                  if torch.is_tensor(value) and value.shape == like.shape})
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(optimizer_state)
     except ValueError as error:  # parameter groups of another size: another LoRA layout
         raise CheckpointError(f"{path}/optimizer.pt does not fit this run's optimizer ({error}); resume with the "
                               "config the run was started with") from error
@@ -267,8 +346,12 @@ def load_checkpoint(path: Path, *, peft_model, optimizer, ema=None, old_policy: 
             raise CheckpointError(f"{path} has no ema.pt but train.ema is on; set --config.train.ema=False")
         ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=False))
         # EMAModel.load_state_dict keeps the loaded (CPU) tensors; its next step mixes them with
-        # the model's parameters, so they go where those live.
-        ema.to(device=next(p.device for p in peft_model.parameters() if p.requires_grad))
+        # the model's parameters, so they go where (and as) those live.
+        trained = list(parameters.values())
+        if len(ema.shadow_params) != len(trained):
+            raise CheckpointError(f"{path}/ema.pt holds {len(ema.shadow_params)} tensors, this model's LoRA "
+                                  f"{len(trained)}; resume with the config the run was started with")
+        ema.shadow_params = [shard_like(shadow, like) for shadow, like in zip(ema.shadow_params, trained)]
     if old_policy:
         from identity_grpo.old_policy import load_old_policy_state
 

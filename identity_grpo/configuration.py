@@ -144,6 +144,8 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
                           "sample.fast_branch and sample.eval_sde are GRPO settings; unset them")
     if sample.eval_solver not in ("scheduler", "euler"):
         errors.append(f"sample.eval_solver ({sample.eval_solver!r}) must be 'scheduler' (the model's own) or 'euler'")
+    if sample.store_dtype not in ("fp32", "bf16", "fp16"):
+        errors.append(f"sample.store_dtype ({sample.store_dtype!r}) must be 'fp32', 'bf16' or 'fp16'")
     if sample.untrained_steps not in ("sde", "ode"):
         errors.append(f"sample.untrained_steps ({sample.untrained_steps!r}) must be 'sde' (upstream) or 'ode'")
     if sample.noise_level <= 0:

@@ -6,6 +6,7 @@ import datetime
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +27,30 @@ def seeded_generator(*keys: int | str) -> torch.Generator:
 
 def sde_config(config) -> SDEConfig:
     return SDEConfig(schedule=config.sample.noise_schedule, noise_level=config.sample.noise_level)
+
+
+# config.sample.store_dtype -> dtype of the recorded rollout states.
+STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextmanager
+def reward_models_on(reward_fn: CombinedReward, device: torch.device, offload: bool):
+    """With ``offload`` (``reward_model.offload``), the reward models are on ``device`` inside the
+    block and on the CPU after it; without, nothing moves. Leave the block only once every
+    reward call it started has returned."""
+    if offload:
+        reward_fn.to(device)
+    try:
+        yield
+    finally:
+        if offload:
+            reward_fn.to("cpu")
+
+
+def run_prompts(config, *datasets: ReferenceVideoDataset) -> list[str]:
+    """Every prompt a run encodes: the rows' prompts and the negative prompt
+    (``train.cache_prompt_embeds`` encodes them once at start-up)."""
+    return [dataset[i].prompt for dataset in datasets for i in range(len(dataset))] + [config.sample.negative_prompt]
 
 
 def rollout_rows(
@@ -74,6 +99,7 @@ def rollout_rows(
         generator=generator,
         # Flow-GRPO-Fast: the group's shared ODE prefix is computed once (VACE pipeline only).
         **({"shared_prefix": True} if config.sample.fast_branch and not evaluation else {}),
+        store_dtype=STORE_DTYPES[config.sample.store_dtype],
     )
     return rollouts, RewardInputs(frames=frames.cpu(), reference_images=references, prompts=prompts)
 
@@ -96,22 +122,37 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    mine = shard_in_order(len(dataset), num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     # Pad so that every rank runs the same number of batches (collectives must match); padded
     # rows are generated but dropped from the metrics.
     per_rank = -(-len(dataset) // accelerator.num_processes)
-    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+
+    def padded_rows(rank: int) -> list[int]:
+        rows_of_rank = shard_in_order(len(dataset), num_replicas=accelerator.num_processes, rank=rank)
+        return rows_of_rank + [rows_of_rank[-1] if rows_of_rank else 0] * (per_rank - len(rows_of_rank))
+
+    mine = shard_in_order(len(dataset), num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    rows_by_rank = [padded_rows(rank) for rank in range(accelerator.num_processes)]
+    padded = rows_by_rank[accelerator.process_index]
     keep = [True] * len(mine) + [False] * (per_rank - len(mine))
+
+    def reference_count(index: int) -> int:
+        return len(dataset[index].reference_paths)
+
     batch_size = config.sample.test_batch_size
     rows: list[dict] = []
     totals: dict[str, list[torch.Tensor]] = defaultdict(list)
     bar = tqdm(range(0, per_rank, batch_size), desc="eval", disable=not (progress and accelerator.is_local_main_process))
     for start in bar:
         chunk = list(zip(padded[start : start + batch_size], keep[start : start + batch_size]))
-        # One batch per reference count; each row's initial noise depends only on the row.
-        for count in sorted({len(dataset[i].reference_paths) for i, _ in chunk}):
-            indices = [i for i, _ in chunk if len(dataset[i].reference_paths) == count]
-            kept = torch.tensor([k for i, k in chunk if len(dataset[i].reference_paths) == count], dtype=torch.float32)
+        chunk_everywhere = [i for rows_of_rank in rows_by_rank for i in rows_of_rank[start : start + batch_size]]
+        # One batch per reference count that any rank has in this chunk; each row's initial noise
+        # depends only on the row. A rank with no row of a count generates one dropped row of it:
+        # every rank makes the same transformer calls (under FSDP2 each call all-gathers weights).
+        for count in sorted({reference_count(i) for i in chunk_everywhere}):
+            indices = [i for i, _ in chunk if reference_count(i) == count]
+            kept = torch.tensor([k for i, k in chunk if reference_count(i) == count], dtype=torch.float32)
+            if not indices:
+                indices, kept = [next(i for i in chunk_everywhere if reference_count(i) == count)], torch.zeros(1)
             latents = torch.cat([
                 pipeline.prepare_latents(1, config.eval_height, config.eval_width, config.eval_frames, count,
                                          seeded_generator(config.seed, "eval", i))

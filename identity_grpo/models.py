@@ -226,3 +226,80 @@ def add_lora(transformer, config):
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     return model
+
+
+# Wan's repeated blocks (VACE adds its own): the units FSDP2 shards and all-gathers one at a time.
+WAN_BLOCK_CLASSES = ("WanTransformerBlock", "WanVACETransformerBlock")
+
+
+def fsdp2_plugin(accelerator):
+    """The FSDP2 settings of this launch (``accelerate launch --config_file
+    scripts/accelerate_configs/fsdp2.yaml``), or None when the transformer is replicated (DDP).
+
+    On GPUs accelerate holds them (``distributed_type: FSDP``). accelerate runs CPU ranks as
+    MULTI_CPU and ignores FSDP there, so on CPU they are read from the environment the launcher
+    set; both go through :func:`shard_transformer`, so CPU tests run the GPU wrapping."""
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.num_processes > 1:
+        plugin = FullyShardedDataParallelPlugin()
+    else:
+        return None
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"the accelerate config sets fsdp_version: {plugin.fsdp_version}; the LoRA training needs "
+                         "FSDP2 (fsdp_version: 2, see scripts/accelerate_configs/fsdp2.yaml)")
+    if plugin.activation_checkpointing:
+        raise ValueError("the accelerate config sets fsdp_activation_checkpointing: true; set it to false, the "
+                         "transformer's own checkpointing is config.train.gradient_checkpointing")
+    return plugin
+
+
+def fsdp2_mesh(accelerator):
+    """The device mesh FSDP2 shards over: accelerate's (its ``dp_replicate`` x ``dp_shard`` dims:
+    hybrid sharding across nodes, scripts/accelerate_configs/fsdp2_hybrid_multi_node.yaml) when it
+    built one, else all ranks in one dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        return mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    return init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+
+
+def shard_transformer(peft_model, plugin, mesh, compute_dtype: torch.dtype) -> None:
+    """Shard ``peft_model`` in place with FSDP2's ``fully_shard``: each Wan block (the classes in
+    the config's ``fsdp_transformer_layer_cls_to_wrap``) is one unit, the rest (patch and
+    condition embeddings, output head) the root's. Frozen base weights and LoRA adapters (the
+    trained one and, for the forward-process objectives, the old one) are sharded alike; every
+    parameter becomes a DTensor (:func:`identity_grpo.checkpoint.full_tensor` gathers one).
+
+    Mixed precision: weights are all-gathered in ``compute_dtype``; gradients (the LoRA's, fp32)
+    are reduced in fp32, as DDP reduces them. Every rank must then make the same transformer calls
+    (each call all-gathers): rollouts, re-scoring and evaluation are padded to equal counts."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    names = list(plugin.transformer_cls_names_to_wrap or [])
+    blocks = [module for module in peft_model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"fsdp_transformer_layer_cls_to_wrap = {names} names no module of "
+                         f"{type(peft_model.get_base_model()).__name__}; set fsdp_auto_wrap_policy: "
+                         f"TRANSFORMER_BASED_WRAP and fsdp_transformer_layer_cls_to_wrap: {','.join(WAN_BLOCK_CLASSES)} "
+                         "in the accelerate config")
+    # Each rank drew its own random LoRA initialisation (seeds are per rank) and fully_shard keeps
+    # each rank's slice of its own copy: start every rank from rank 0's, as DDP does.
+    for name, parameter in peft_model.named_parameters():
+        if "lora_" in name:
+            torch.distributed.broadcast(parameter.data, src=0)
+    mp_policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                     reduce_dtype=torch.float32)
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy}
+    if plugin.cpu_offload is not None:
+        kwargs["offload_policy"] = plugin.cpu_offload
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
+    fully_shard(peft_model, **kwargs)  # the root keeps its own weights gathered between forward and backward
+    logger.info("FSDP2: %d blocks sharded over %s", len(blocks), mesh)

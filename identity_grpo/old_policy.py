@@ -8,6 +8,9 @@ same adapter is EvoID's "Stable" transformer. It starts as a copy of the trained
 peft's ``set_adapter`` also sets ``requires_grad`` (True for the active adapter only), so
 :func:`active_adapter` switches back to the trained adapter on exit, which restores it: the old
 adapter's weights never train and never enter the optimizer.
+
+Under FSDP2 both adapters are sharded alike (DTensors with the same placements), so the EMA
+update is elementwise on each rank's shards; checkpoint state is gathered whole and cut back on load.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def update_old_policy(peft_model, decay: float) -> None:
         old.mul_(decay).add_(trained.detach().to(old.dtype), alpha=1.0 - decay)
 
 
-def _named_adapter_parameters(peft_model, adapter: str) -> dict[str, torch.nn.Parameter]:
+def named_adapter_parameters(peft_model, adapter: str) -> dict[str, torch.nn.Parameter]:
     """``adapter``'s LoRA parameters keyed as peft's saved state dict keys them (adapter name removed)."""
     marker = f".{adapter}."
     return {name.replace(marker, "."): p for name, p in peft_model.named_parameters()
@@ -67,17 +70,21 @@ def _named_adapter_parameters(peft_model, adapter: str) -> dict[str, torch.nn.Pa
 
 
 def old_policy_state(peft_model) -> dict[str, torch.Tensor]:
-    """The old adapter's tensors (for checkpoints), keyed like the trained adapter's
-    ``adapter_model.safetensors``."""
-    return {name: p.detach().cpu().clone() for name, p in _named_adapter_parameters(peft_model, OLD).items()}
+    """The old adapter's tensors whole (for checkpoints), keyed like the trained adapter's
+    ``adapter_model.safetensors`` (collective under FSDP2: call it on every rank)."""
+    from identity_grpo.checkpoint import full_tensor
+
+    return {name: full_tensor(p.detach()).cpu().clone() for name, p in named_adapter_parameters(peft_model, OLD).items()}
 
 
 @torch.no_grad()
 def load_old_policy_state(peft_model, state: dict[str, torch.Tensor]) -> None:
-    parameters = _named_adapter_parameters(peft_model, OLD)
+    from identity_grpo.checkpoint import shard_like
+
+    parameters = named_adapter_parameters(peft_model, OLD)
     if state.keys() != parameters.keys():
         missing, unexpected = sorted(parameters.keys() - state.keys()), sorted(state.keys() - parameters.keys())
         raise ValueError(f"old-policy state does not fit the model's old adapter (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); resume with the config the run was started with")
     for name, parameter in parameters.items():
-        parameter.copy_(state[name].to(parameter.device, parameter.dtype))
+        parameter.copy_(shard_like(state[name].to(parameter.dtype), parameter))

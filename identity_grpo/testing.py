@@ -26,15 +26,15 @@ TINY_VOCAB = ["a", "man", "woman", "with", "short", "long", "hair", "dark", "lig
               "person", "together", "the", "is", "are", "and", "at", "on", "skin", "brown", "blond"]
 
 
-def build_tokenizer():
-    """A UMT5-style Unigram tokenizer over a fixed toy vocabulary, made offline with `tokenizers`."""
+def build_tokenizer(vocabulary=TINY_VOCAB):
+    """A UMT5-style Unigram tokenizer over a toy vocabulary, made offline with `tokenizers`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]
     # Whole words with the metaspace prefix, plus single characters so any text tokenizes.
     pieces = [(token, 0.0) for token in specials]
-    pieces += [("\u2581" + word, -1.0) for word in TINY_VOCAB]
+    pieces += [("\u2581" + word, -1.0) for word in vocabulary]
     pieces += [(char, -5.0) for char in "\u2581abcdefghijklmnopqrstuvwxyz"]
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -230,6 +230,36 @@ def write_tiny_phantom(path: str | Path, seed: int = 0) -> Path:
         torch.save(to_original_wan_keys(build_tiny_phantom_dit(seed + 1).state_dict()), staging / TINY_PHANTOM_DIT)
 
     return _write_atomically(path, write)
+
+
+# ---------------------------------------------------------------------------- OpenS2V Aesthetics
+def write_tiny_aesthetics(folder: str | Path, score: float = 6.5, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny CLIP (a ``CLIPModel`` folder like openai/clip-vit-large-patch14's, 32 px images, 4-D
+    embeddings, with its image processor) in ``folder/clip`` and a LAION-layout aesthetic head for
+    it in ``folder/aesthetic_head.pth`` whose weights are zero and last bias ``score``: every image
+    scores ``score``, so a test knows the number that must come out of the files.
+
+    Returns:
+        ``(clip_folder, head_file)``.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from identity_grpo.rewards.composite import AestheticHead
+
+    folder = Path(folder)
+    clip_folder, head_file = folder / "clip", folder / "aesthetic_head.pth"
+    torch.manual_seed(seed)
+    tower = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(text_config=dict(tower, vocab_size=64, max_position_embeddings=16, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(tower, image_size=32, patch_size=16), projection_dim=4)
+    CLIPModel(config).save_pretrained(clip_folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_folder)
+    head = AestheticHead(config.projection_dim)
+    state = {key: torch.zeros_like(value) for key, value in head.state_dict().items()}
+    state[f"layers.{len(head.layers) - 1}.bias"] = torch.tensor([score])
+    torch.save(state, head_file)
+    return clip_folder, head_file
 
 
 def main() -> None:

@@ -38,10 +38,12 @@ def setup(tmp_path_factory, dataset_dir):
     from diffusers import WanVACETransformer3DModel
     from peft import LoraConfig, get_peft_model
 
-    from identity_grpo.testing import randomize_lora_b, write_tiny_vace
+    from identity_grpo.testing import randomize_lora_b, write_tiny_aesthetics, write_tiny_vace
 
     root = tmp_path_factory.mktemp("inference")
     models = write_tiny_vace(root / "wan_vace")
+    # OpenS2V's Aesthetics from local files; the tiny head scores every frame 6.5.
+    clip_folder, aesthetic_head = write_tiny_aesthetics(root / "aesthetics", score=6.5)
     config_file = root / "inference_config.py"
     config_file.write_text(CONFIG.format(dgx=str(ROOT / "config" / "dgx.py")))
     loras = {}
@@ -52,7 +54,8 @@ def setup(tmp_path_factory, dataset_dir):
         randomize_lora_b(model, std=std, seed=0)
         model.save_pretrained(root / name)
         loras[name] = root / name
-    return {"root": root, "models": models, "config": config_file, "loras": loras, "dataset": dataset_dir}
+    return {"root": root, "models": models, "config": config_file, "loras": loras, "dataset": dataset_dir,
+            "aesthetics": (clip_folder, aesthetic_head)}
 
 
 def launch(setup, name: str, lora: str | Path, *extra: str, processes: int = 1) -> tuple[Path, subprocess.Popen]:
@@ -66,7 +69,9 @@ def launch(setup, name: str, lora: str | Path, *extra: str, processes: int = 1) 
         f"--config.pretrained.model={setup['models']}", f"--config.pretrained.reward_model={setup['root'] / 'tiny_models' / 'reward'}",
         f"--config.dataset={setup['dataset']}", f"--config.logdir={logdir}", f"--config.train.lora_path={lora}",
         # The light setting: 2 ODE steps instead of the preset's 4 SDE steps.
-        "--config.sample.eval_sde=False", "--config.sample.eval_num_steps=2", *extra,
+        "--config.sample.eval_sde=False", "--config.sample.eval_num_steps=2",
+        f"--config.opens2v.clip_path={setup['aesthetics'][0]}", f"--config.opens2v.aesthetic_head_path={setup['aesthetics'][1]}",
+        *extra,
     ]
     # One thread each: the runs share two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -117,7 +122,8 @@ def test_videos_references_and_scores(setup, runs):
     test_set = ReferenceVideoDataset(setup["dataset"], "test")
     out_dir = runs["nonzero"]
     # The tiny FaceSim backend labels its columns FaceSim-tiny (FaceSim-Arc is the ArcFace backend's).
-    reward_keys = ["ref_tone", "identity", "total", "FaceSim-tiny", "FaceSim-tiny/min", "CopyPaste", "CopyPaste/max"]
+    reward_keys = ["ref_tone", "identity", "total", "FaceSim-tiny", "FaceSim-tiny/min", "CopyPaste", "CopyPaste/max",
+                   "OpenS2V/Motion", "OpenS2V/Aesthetics"]
     for variant in ("base", "lora"):
         rows = read_csv(out_dir / variant / "scores.csv")
         assert [int(row["index"]) for row in rows] == list(range(len(test_set)))
@@ -130,6 +136,7 @@ def test_videos_references_and_scores(setup, runs):
             assert decode(out_dir / row["video"]).shape == (5, 32, 32, 3)
             for key in reward_keys:
                 assert math.isfinite(float(row[key])), (variant, key, row)
+            assert float(row["OpenS2V/Aesthetics"]) == pytest.approx(6.5, abs=1e-6)
         assert len(list((out_dir / variant / "videos").glob("*.mp4"))) == len(test_set)
 
     summary = json.loads((out_dir / "summary.json").read_text())

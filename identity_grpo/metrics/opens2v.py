@@ -13,9 +13,12 @@ so numbers on the same video differ by the compression of the mp4 only.
    ``int(0.25 * h)`` above and below and ``int(0.25 * w)`` left and right (:func:`pad_grey`), and
    shift the keypoints back.
 3. Arc: the ArcFace embedding insightface computes on the image the face was found in (padded or
-   not). Cur: CurricularFace IR-101 on the 5-point aligned crop of the unpadded image (insightface
+   not) -- :class:`InsightFaceRecognition`, insightface's own recognition code, with the models
+   :func:`load_face_models` picks from a local model folder as ``FaceAnalysis`` does. Cur:
+   CurricularFace IR-101 on the 5-point aligned crop of the unpadded image (insightface
    ``norm_crop`` at 224, resized to 112, ``(x / 255 - 0.5) / 0.5``), L2-normalised
-   (:class:`CurricularFaceEmbedder`; the network is any torch module the caller loads).
+   (:class:`CurricularFaceEmbedder`; the network is
+   :class:`identity_grpo.metrics.curricularface.IRBackbone` or any torch module).
 4. Per frame ``max(0, cos(reference, face))``; frames without a face are skipped; the score is the
    mean over the kept frames, 0 if none. OpenS2V keeps clipped zeros in Arc's mean (its check
    ``if arc_scores != 0.0`` compares the list, so it is always true) but drops them from Cur's;
@@ -24,7 +27,8 @@ so numbers on the same video differ by the compression of the mp4 only.
 
 OpenS2V scores one human reference per video. With several references this module scores each
 against the frame's largest face (its protocol); the project's ``facesim`` reward instead matches
-each reference to its best face, which is what multi-person videos need.
+each reference to its best face, which is what multi-person videos need. Batch inference builds
+these metrics from ``config.opens2v`` (:mod:`identity_grpo.metrics.opens2v_eval`).
 
 **Motion** (:func:`farneback_motion`): every frame; grey by ``cv2.COLOR_BGR2GRAY`` applied to RGB
 frames (as OpenS2V does: it weights red 0.114 and blue 0.299); Farneback flow between consecutive
@@ -39,7 +43,9 @@ embeddings of 32 frames (same indices), mean over frames, on the MLP's 1-10 scal
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +55,8 @@ from identity_grpo.rewards.facesim import DetectedFace, FaceDetector, FaceEmbedd
 NUM_FRAMES = 32
 PAD_SCALE = 1.25
 PAD_VALUE = 128
-FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
+             "flags": 0}
 FLOW_WIDTH = 16
 
 
@@ -152,6 +159,69 @@ class CurricularFaceEmbedder:
         return torch.nn.functional.normalize(embeddings, dim=-1)
 
 
+class InsightFaceRecognition:
+    """FaceSim-Arc's embedder: an insightface recognition model (``ArcFaceONNX``) called as
+    insightface's ``FaceAnalysis.get`` calls it, on the BGR image with the detector's keypoints, so
+    its own alignment (``norm_crop`` at its input size) and input scaling (chosen from the ONNX
+    graph) apply. Embeddings are returned as the model gives them (cosine needs no normalising)."""
+
+    def __init__(self, model):
+        if getattr(model, "taskname", None) != "recognition":
+            raise ValueError(f"{model!r} is not an insightface recognition model")
+        self.model = model
+
+    def crops(self, image: np.ndarray, faces: list[DetectedFace]) -> list[np.ndarray]:
+        from insightface.utils import face_align
+
+        return [face_align.norm_crop(np.ascontiguousarray(image), np.asarray(f.keypoints, dtype=np.float32),
+                                     self.model.input_size[0]) for f in faces]
+
+    def embed(self, image: np.ndarray, faces: list[DetectedFace]) -> torch.Tensor:
+        from insightface.app.common import Face
+
+        if not faces:
+            return torch.zeros(0, 1)
+        if any(face.keypoints is None for face in faces):
+            raise ValueError("FaceSim-Arc aligns on the detector's 5 keypoints; use a detector that gives them")
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        rows = [self.model.get(bgr, Face(bbox=np.asarray(face.box, dtype=np.float32), det_score=face.score,
+                                         kps=np.asarray(face.keypoints, dtype=np.float32)))
+                for face in faces]
+        return torch.from_numpy(np.stack([np.asarray(row, dtype=np.float32).ravel() for row in rows]))
+
+
+def load_face_models(folder: str | Path, providers: list | None = None, det_size: int = 320,
+                     det_thresh: float = 0.5, field: str = "opens2v.face_models_dir"):
+    """OpenS2V's face models from a local insightface model folder, picked as insightface's
+    ``FaceAnalysis`` picks them: every ``*.onnx`` in name order, the first detection and the first
+    recognition model; the detector prepared at ``det_size`` x ``det_size`` (OpenS2V: 320) with
+    ``det_thresh`` (FaceAnalysis's default 0.5). Nothing is downloaded.
+
+    Returns:
+        ``(detector, recognition)``: an :class:`~identity_grpo.rewards.facesim.InsightFaceDetector`
+        and an :class:`InsightFaceRecognition`.
+
+    Raises:
+        ValueError: naming ``field`` when the folder lacks a detection or a recognition model.
+    """
+    from insightface.model_zoo import get_model
+
+    from identity_grpo.rewards.facesim import InsightFaceDetector
+
+    models = {}
+    for path in sorted(Path(folder).glob("*.onnx")):
+        model = get_model(str(path), providers=providers or ["CPUExecutionProvider"])
+        if model is not None and model.taskname not in models:
+            models[model.taskname] = model
+    missing = [task for task in ("detection", "recognition") if task not in models]
+    if missing:
+        raise ValueError(f"config.{field} = {str(folder)!r} has no insightface {' and no '.join(missing)} model "
+                         f"among its .onnx files (found: {sorted(models) or 'none'}); point it at an insightface "
+                         "model folder such as buffalo_l (det_10g.onnx, w600k_r50.onnx)")
+    return InsightFaceDetector(models["detection"], det_size=det_size, det_thresh=det_thresh), \
+        InsightFaceRecognition(models["recognition"])
+
+
 @dataclass
 class OpenS2VFaceSimScores:
     """One video's scores, per reference ``k``: ``arc[k]``, ``cur[k]`` (None without a Cur
@@ -239,7 +309,7 @@ def farneback_motion(frames: np.ndarray) -> float:
     maps = [
         cv2.resize(cv2.calcOpticalFlowFarneback(previous, current, None, **FARNEBACK), small,
                    interpolation=cv2.INTER_AREA)
-        for previous, current in zip(grey[:-1], grey[1:])
+        for previous, current in itertools.pairwise(grey)
     ]
     return abs(float(np.mean(np.mean(np.asarray(maps), axis=0))))
 
@@ -254,16 +324,19 @@ def aesthetic_score(frames: np.ndarray, clip_model, processor, head: torch.nn.Mo
 
     Args:
         frames: RGB uint8 ``(F, H, W, 3)``.
-        clip_model: a transformers CLIP model with ``get_image_features`` (the projected image
-            embedding, what OpenS2V's ``CLIPVisionModelWithProjection(...)[0]`` returns).
+        clip_model: a transformers ``CLIPVisionModelWithProjection`` (what OpenS2V loads; its
+            ``image_embeds``) or a ``CLIPModel`` (``get_image_features``, the same projected embedding).
         processor: its image processor (called with ``images=``).
         head: the LAION MLP (:class:`identity_grpo.rewards.composite.AestheticHead`).
     """
     device = next(head.parameters()).device
     images = [frames[i] for i in sample_indices(len(frames), num_frames)]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-    embeddings = clip_model.get_image_features(pixel_values=pixels)
-    if not isinstance(embeddings, torch.Tensor):  # newer transformers may return a model output
-        embeddings = embeddings.pooler_output
+    if hasattr(clip_model, "get_image_features"):
+        embeddings = clip_model.get_image_features(pixel_values=pixels)
+        if not isinstance(embeddings, torch.Tensor):  # newer transformers may return a model output
+            embeddings = embeddings.pooler_output
+    else:  # CLIPVisionModelWithProjection, as OpenS2V loads it
+        embeddings = clip_model(pixel_values=pixels).image_embeds
     embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
     return float(head.eval()(embeddings).reshape(-1).mean())

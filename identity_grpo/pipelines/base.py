@@ -42,9 +42,10 @@ class Rollouts:
     :mod:`identity_grpo.pipelines.phantom`.
 
     Attributes:
-        latents: ``(B, S, C, T, h, w)`` float32 state before each recorded step
-            (T = latent frames + number of references).
-        next_latents: ``(B, S, C, T, h, w)`` float32 state after it (the sampled action).
+        latents: ``(B, S, C, T, h, w)`` state before each recorded step (T = latent frames + number
+            of references), in the storage dtype the sampler was given (float32 by default; see
+            ``store_dtype`` of :meth:`RolloutPipeline.__call__`).
+        next_latents: ``(B, S, C, T, h, w)`` state after it (the sampled action), same dtype.
         log_probs: ``(B, S)`` float32 log-density of each action when it was sampled.
         timesteps: ``(S,)`` transformer timesteps of the recorded steps.
         sigmas: ``(S,)`` and ``sigmas_next``: ``(S,)`` the step's start / end noise levels.
@@ -81,6 +82,32 @@ class Rollouts:
     @property
     def num_steps(self) -> int:
         return self.latents.shape[1]
+
+    def to(self, device: torch.device | str) -> Rollouts:
+        """The same record with every per-rollout tensor on ``device`` (``group_ids`` stays on the
+        CPU, where the advantage code reads it). Moving to the CPU between sampling and training
+        frees the accelerator memory of the record (``sample.offload_rollouts``); tensors already
+        on ``device`` are not copied."""
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+
+        return Rollouts(
+            latents=move(self.latents), next_latents=move(self.next_latents), log_probs=move(self.log_probs),
+            timesteps=move(self.timesteps), sigmas=move(self.sigmas), sigmas_next=move(self.sigmas_next),
+            step_indices=self.step_indices, conditioning=move(self.conditioning),
+            prompt_embeds=move(self.prompt_embeds), negative_prompt_embeds=move(self.negative_prompt_embeds),
+            group_ids=self.group_ids, num_references=self.num_references, sigma_max=self.sigma_max,
+            sigma_min=self.sigma_min, final_latents=move(self.final_latents),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the record's tensors (shared tensors such as the negative prompt counted
+        once per record): what a rank keeps per sampling batch between sampling and training."""
+        tensors = [self.latents, self.next_latents, self.log_probs, self.timesteps, self.sigmas, self.sigmas_next,
+                   self.step_indices, self.conditioning, self.prompt_embeds, self.negative_prompt_embeds,
+                   self.group_ids, self.final_latents]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def select(self, index: torch.Tensor) -> Rollouts:
         """The rollouts at batch positions ``index`` (shared tensors are kept). ``index`` may live on
@@ -142,6 +169,8 @@ class RolloutPipeline:
         self.scale_spatial = pipe.vae_scale_factor_spatial
         self.scale_temporal = pipe.vae_scale_factor_temporal
         self._negative_cache: dict[tuple[str, int], torch.Tensor] = {}
+        # (prompt, max_sequence_length) -> (L, D) CPU embedding, filled by cache_prompt_embeds.
+        self._prompt_cache: dict[tuple[str, int], torch.Tensor] = {}
         latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32)
         latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32)
         self.latents_mean = latents_mean.view(1, -1, 1, 1, 1).to(self.device)
@@ -176,12 +205,41 @@ class RolloutPipeline:
     # ------------------------------------------------------------------ 2. encode
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> torch.Tensor:
-        """``(B, max_sequence_length, D)`` UMT5 embeddings, all prompts in one encoder call."""
+        """``(B, max_sequence_length, D)`` UMT5 embeddings, all prompts in one encoder call, or, after
+        :meth:`cache_prompt_embeds`, from its cache (a prompt it did not encode is then an error)."""
+        if self._prompt_cache:
+            missing = [p for p in dict.fromkeys(prompts) if (p, max_sequence_length) not in self._prompt_cache]
+            if missing:
+                raise ValueError(f"prompts {missing[:3]} (max_sequence_length {max_sequence_length}) were not encoded "
+                                 "by cache_prompt_embeds, and the text encoder has left the accelerator; pass every "
+                                 "prompt of the run to it (train.cache_prompt_embeds)")
+            return torch.stack([self._prompt_cache[(p, max_sequence_length)] for p in prompts]).to(self.device)
+        return self._run_text_encoder(prompts, max_sequence_length)
+
+    def _run_text_encoder(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
         embeds, _ = self.pipe.encode_prompt(
             prompt=list(prompts), do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
             device=self.device,
         )
         return embeds.to(self.dtype)
+
+    @torch.no_grad()
+    def cache_prompt_embeds(self, prompts: Sequence[str], max_sequence_length: int = 512, batch_size: int = 8,
+                            offload_device: torch.device | str = "cpu") -> int:
+        """Encode every distinct prompt of ``prompts`` once (``batch_size`` per encoder call), keep
+        the embeddings on the CPU and move the text encoder to ``offload_device``: UMT5-XXL's
+        ~11 GB (bf16) leave the accelerator for the rest of the run. Include the negative prompt.
+        Returns the number of prompts cached (``config.train.cache_prompt_embeds``)."""
+        unique = [p for p in dict.fromkeys(prompts) if (p, max_sequence_length) not in self._prompt_cache]
+        if unique and self._prompt_cache:
+            raise ValueError("cache_prompt_embeds runs once, with every prompt of the run: the text encoder has "
+                             "already left the accelerator")
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start : start + batch_size]
+            embeds = self._run_text_encoder(chunk, max_sequence_length).cpu()
+            self._prompt_cache.update({(p, max_sequence_length): e for p, e in zip(chunk, embeds)})
+        self.pipe.text_encoder.to(offload_device)
+        return len(self._prompt_cache)
 
     def negative_embeds(self, negative_prompt: str, max_sequence_length: int = 512) -> torch.Tensor:
         """``(1, L, D)`` embedding of the negative prompt, encoded once per run."""
@@ -295,6 +353,7 @@ class RolloutPipeline:
         generator: torch.Generator | None = None,
         prompt_embeds: torch.Tensor | None = None,
         shared_prefix: bool = False,
+        store_dtype: torch.dtype = torch.float32,
         progress: bool = False,
     ) -> tuple[Rollouts, torch.Tensor]:
         """Denoise a batch; return the transition record and the decoded ``(B, F, H, W, 3)`` uint8 frames.
@@ -314,6 +373,13 @@ class RolloutPipeline:
         ``shared_prefix`` (Flow-GRPO-Fast): members of a group start from the same latents, so
         their ODE steps before the first SDE step are identical; they are computed once per
         group in this batch and copied, saving ``(K_local - 1) / K_local`` of those calls.
+
+        ``store_dtype`` (``sample.store_dtype``): dtype of the recorded ``latents`` /
+        ``next_latents``. Below float32 the recorded steps act on the rounded values: the state is
+        rounded before the step's transformer call and the sampled action is rounded before its
+        log-prob is taken (as Flow-Factory does), so re-scoring the stored tensors with the
+        unchanged policy gives exactly the recorded log-prob (a ratio of exactly 1), not one off
+        by the rounding.
         """
         from tqdm.auto import tqdm
 
@@ -350,6 +416,9 @@ class RolloutPipeline:
         solver_steps = not sde_steps and self.ode_solver == "scheduler"
         record_latents, record_next, record_log_probs = [], [], []
         for index in tqdm(range(first_step, num_inference_steps), disable=not progress, desc="denoise", leave=False):
+            rounded = index in record_steps and store_dtype != torch.float32
+            if rounded:
+                latents = latents.to(store_dtype).float()
             noise_pred = self.guided_velocity(latents, timesteps[index], prompt_embeds, negative, conditioning,
                                             guidance_scale, conditioning_scale)
             if solver_steps:
@@ -364,13 +433,19 @@ class RolloutPipeline:
                 noise_level=sde.noise_level, sigma_max=sigma_max, sigma_min=sigma_min, noise=noise,
                 deterministic=not stochastic,
             )
+            if rounded:  # the log-prob of the action as it will be stored (the same call as rescore's)
+                out = sde_step(
+                    noise_pred, latents, sigmas[index], sigmas[index + 1], schedule=sde.schedule,
+                    noise_level=sde.noise_level, sigma_max=sigma_max, sigma_min=sigma_min,
+                    prev_sample=out.prev_sample.to(store_dtype),
+                )
             if index in record_steps:
                 if out.log_prob is None:
                     raise ValueError(f"SDE step {index} has zero noise, so it cannot be trained; leave it out of "
                                      "the trained steps (its std is 0 whatever sample.noise_level is, e.g. the "
                                      "final step of a 1-step schedule or of CPS)")
-                record_latents.append(latents)
-                record_next.append(out.prev_sample)
+                record_latents.append(latents.to(store_dtype))
+                record_next.append(out.prev_sample.to(store_dtype))
                 record_log_probs.append(out.log_prob)
             latents = out.prev_sample
         # 6. decode

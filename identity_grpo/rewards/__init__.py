@@ -81,6 +81,16 @@ class CombinedReward:
         self.fns = dict(fns)
         self.weights = dict(weights)
 
+    def to(self, device: torch.device | str) -> CombinedReward:
+        """Move the models of the rewards that hold any to ``device`` (``reward_model.offload``):
+        a reward fn that can leave the accelerator has a ``to(device)`` attribute; the others
+        (pixel statistics, face detectors on the CPU) stay as they are. Call it only while no
+        reward is running. Returns self."""
+        for fn in self.fns.values():
+            if callable(getattr(fn, "to", None)):
+                fn.to(device)
+        return self
+
     def __call__(self, inputs: RewardInputs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         batch = inputs.frames.shape[0]
         scores: dict[str, torch.Tensor] = {}
@@ -113,7 +123,7 @@ def registered_rewards() -> tuple[list[str], dict[str, str]]:
     """The names of the built-in and registered rewards, and for each built-in that could not be
     registered (missing optional dependency) the import error. Builds nothing."""
     # Importing the modules registers the built-in rewards.
-    from identity_grpo.rewards import composite, copy_paste, facesim, motion, pixel  # noqa: F401
+    from identity_grpo.rewards import composite, copy_paste, facesim, motion, pixel, world  # noqa: F401
 
     unavailable = {}
     try:

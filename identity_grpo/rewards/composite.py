@@ -246,6 +246,11 @@ class CompositeReward:
         self.combination = Combination.from_config(config)
         self.options = config_field(config_field(config, "reward_combination", None), "idcrafter", None)
 
+    def to(self, device: torch.device | str) -> CompositeReward:
+        """See :meth:`CombinedReward.to`."""
+        self.combined.to(device)
+        return self
+
     def __call__(self, inputs: RewardInputs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         scores, seconds = self.combined(inputs)
         prepared = self.combination.prepare(scores)

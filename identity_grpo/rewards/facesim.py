@@ -306,16 +306,33 @@ class OnnxArcFaceEmbedder:
         return torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).reshape(len(faces), -1)
 
 
-class InsightFaceDetector:
-    """insightface's SCRFD detector (e.g. ``buffalo_l/det_10g.onnx``) via onnxruntime."""
+def onnx_providers(device: torch.device | str) -> list[str | tuple[str, dict]]:
+    """onnxruntime providers for ``device``: each rank's session on its own GPU (onnxruntime would
+    otherwise put every rank on GPU 0), the CPU as fallback."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": device.index if device.index is not None else 0}),
+            "CPUExecutionProvider"]
 
-    def __init__(self, path: str | Path, providers: list[str | tuple[str, dict]] | None = None, det_size: int = 640,
+
+class InsightFaceDetector:
+    """insightface's SCRFD detector (e.g. ``buffalo_l/det_10g.onnx``) via onnxruntime.
+
+    Args:
+        path: the ONNX file, or a detection model insightface's ``model_zoo.get_model`` already loaded.
+    """
+
+    def __init__(self, path, providers: list[str | tuple[str, dict]] | None = None, det_size: int = 640,
                  det_thresh: float = 0.5):
-        try:
-            from insightface.model_zoo import get_model
-        except ImportError as error:
-            raise ImportError(f"facesim backend 'insightface' needs insightface and onnxruntime: {INSTALL_HINT}") from error
-        self.model = get_model(str(path), providers=providers or ["CPUExecutionProvider"])
+        if isinstance(path, (str, Path)):
+            try:
+                from insightface.model_zoo import get_model
+            except ImportError as error:
+                raise ImportError(f"facesim backend 'insightface' needs insightface and onnxruntime: {INSTALL_HINT}") from error
+            self.model = get_model(str(path), providers=providers or ["CPUExecutionProvider"])
+        else:
+            self.model = path
         if self.model is None or self.model.taskname != "detection":
             raise ValueError(f"{path} is not an insightface detection model; set config.facesim.detector_path to e.g. "
                              "buffalo_l/det_10g.onnx")
@@ -371,10 +388,7 @@ class FaceSimScorer:
                 raise FileNotFoundError(f"config.facesim.{field} = {path!r} does not exist; point it at a local "
                                         f"{example} (insightface's buffalo_l pack)")
             paths[field] = path
-        device = torch.device(device)
-        # Each rank's session on its own GPU (onnxruntime would otherwise put every rank on GPU 0).
-        gpu = ("CUDAExecutionProvider", {"device_id": device.index if device.index is not None else 0})
-        providers = [gpu, "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        providers = onnx_providers(device)
         detector = InsightFaceDetector(paths["detector_path"], providers, int(config_field(options, "det_size", 640)),
                                        float(config_field(options, "det_thresh", 0.5)))
         return cls(detector, OnnxArcFaceEmbedder(paths["embedder_path"], providers), num_frames)

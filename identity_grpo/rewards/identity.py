@@ -102,4 +102,10 @@ def identity(config, device: torch.device):
             out.update({f"identity/{name}": scores[:, index] for index, name in enumerate(dimensions)})
         return out
 
+    def move(device) -> None:
+        """The reward model to ``device`` (``reward_model.offload``); scores follow the weights."""
+        with lock:
+            scorer.model.to(device)
+
+    fn.to = move
     return fn

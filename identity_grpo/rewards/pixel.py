@@ -71,3 +71,42 @@ def ref_tone(config, device):
         return {"ref_tone": (video_tone * direction).sum(dim=-1)}
 
     return fn
+
+
+@register("brightness")
+def brightness(config, device):
+    """Mean pixel value of the video in [0, 1] (all frames, all channels)."""
+
+    def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
+        return {"brightness": inputs.frames.float().mean(dim=(1, 2, 3, 4)) / 255.0}
+
+    return fn
+
+
+@register("redness")
+def redness(config, device):
+    """How red the video is: mean of ``R - (G + B) / 2`` over pixels and frames, in [-1, 1]."""
+
+    def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
+        rgb = inputs.frames.float().mean(dim=(1, 2, 3)) / 255.0  # (B, 3)
+        return {"redness": rgb[:, 0] - rgb[:, 1:].mean(dim=1)}
+
+    return fn
+
+
+@register("rightward")
+def rightward(config, device):
+    """Where the foreground is: the mean horizontal position, in [0, 1] (1 = the right edge), of
+    each frame's pixels weighted by their distance from the frame's median colour (the
+    background of a plain scene), averaged over frames."""
+
+    def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
+        frames = inputs.frames.float()  # (B, F, H, W, 3)
+        b, f, h, w, _ = frames.shape
+        median = frames.reshape(b, f, h * w, 3).median(dim=2).values[:, :, None, None]
+        weight = (frames - median).norm(dim=-1).sum(dim=2)  # (B, F, W): foreground mass per column
+        x = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+        centre = (weight * x).sum(-1) / weight.sum(-1).clamp_min(1e-6)
+        return {"rightward": centre.mean(dim=1)}
+
+    return fn

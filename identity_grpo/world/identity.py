@@ -1,0 +1,97 @@
+"""The tiny world's identity check: which of its 24 people a frame shows, from its colours.
+
+Every pixel is assigned to the nearest colour of the world's palette (skins, hairs, backgrounds,
+eyes), or to none when no palette colour is within ``max_distance``. A frame's evidence is its
+count of pixels of each skin and each hair colour; a person ``j`` is expected to contribute
+``E_j`` (its skin count, and a hair count that is larger for long hair), measured once by drawing
+that person alone. Each frame's prediction is the person whose ``E`` is nearest (L1) to the
+frame's counts, or for two references the ordered pair and column split whose left and right
+counts are nearest to theirs: a nearest-identity classifier over all 24 people (552 ordered
+pairs). The score of a frame is the fraction of its
+references in the predicted set; chance is 1/24 for one person.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from identity_grpo.world.render import (
+    BACKGROUNDS, EYES, HAIRS, IDENTITIES, IDENTITY_BY_NAME, SKINS, Identity, Scene, render_frame,
+)
+
+_PALETTE = np.array(list(SKINS.values()) + list(HAIRS.values()) + list(BACKGROUNDS.values()) + [EYES], dtype=np.float32)
+_NUM_SKINS, _NUM_HAIRS = len(SKINS), len(HAIRS)
+MAX_DISTANCE = 60.0
+
+
+def colour_counts(frames: np.ndarray, max_distance: float = MAX_DISTANCE, per_column: bool = False) -> np.ndarray:
+    """``(..., H, W, 3)`` uint8 -> ``(..., 7)`` pixel counts of each skin, then each hair colour
+    (``(..., W, 7)``, one row per image column, with ``per_column``)."""
+    pixels = frames.astype(np.float32)[..., None, :]  # (..., H, W, 1, 3)
+    distance = np.linalg.norm(pixels - _PALETTE, axis=-1)  # (..., H, W, P)
+    nearest = distance.argmin(axis=-1)
+    close = distance.min(axis=-1) <= max_distance
+    counts = [((nearest == k) & close).sum(axis=-2 if per_column else (-1, -2)) for k in range(_NUM_SKINS + _NUM_HAIRS)]
+    return np.stack(counts, axis=-1).astype(np.float32)
+
+
+@lru_cache(maxsize=4)
+def expected_counts(size: int) -> np.ndarray:
+    """``(24, 7)`` counts each person contributes to a ``size`` x ``size`` frame (drawn alone at
+    the centre of each background, averaged)."""
+    rows = []
+    for identity in IDENTITIES:
+        frames = np.stack([render_frame(Scene((identity,), background, "still", (0.5,), 0.5), 0, size, 1)
+                           for background in BACKGROUNDS])
+        rows.append(colour_counts(frames).mean(axis=0))
+    return np.stack(rows)
+
+
+def predict(column_counts: np.ndarray, num_people: int, size: int) -> tuple[int, ...]:
+    """Indices into ``IDENTITIES`` of the people a frame shows, from its ``(W, 7)`` per-column
+    colour counts. One person: the nearest (L1) expected counts over the whole frame. Two: the
+    ordered pair and the column split between them for which left and right part are together
+    nearest to the two people's expected counts (so who has which hair is part of the answer)."""
+    expected = expected_counts(size)
+    if num_people == 1:
+        return (int(np.abs(column_counts.sum(0) - expected).sum(-1).argmin()),)
+    if num_people != 2:
+        raise ValueError(f"the tiny world has one or two people per video, not {num_people}")
+    left = np.concatenate([np.zeros_like(column_counts[:1]), np.cumsum(column_counts, axis=0)])  # (W + 1, 7)
+    right = left[-1] - left
+    error_left = np.abs(left[:, None] - expected[None]).sum(-1)  # (W + 1, 24)
+    error_right = np.abs(right[:, None] - expected[None]).sum(-1)
+    total = error_left[:, :, None] + error_right[:, None, :]  # (W + 1, 24 left, 24 right)
+    total[:, np.arange(len(IDENTITIES)), np.arange(len(IDENTITIES))] = np.inf
+    _, first, second = np.unravel_index(total.argmin(), total.shape)
+    return int(first), int(second)
+
+
+def identity_score(frames: np.ndarray, people: list[Identity]) -> float:
+    """Mean over frames of the fraction of ``people`` the classifier finds in the frame."""
+    size = frames.shape[-2]
+    wanted = {IDENTITIES.index(person) for person in people}
+    counts = colour_counts(frames, per_column=True)  # (F, W, 7)
+    hits = [len(wanted & set(predict(frame_counts, len(people), size))) / len(people) for frame_counts in counts]
+    return float(np.mean(hits))
+
+
+def people_of_references(reference_paths) -> list[Identity]:
+    """The world people named by reference files ``<skin>_<hair>_<style>.png``."""
+    from pathlib import Path
+
+    names = [Path(path).stem for path in reference_paths]
+    unknown = [name for name in names if name not in IDENTITY_BY_NAME]
+    if unknown:
+        raise ValueError(f"{unknown} are not tiny-world references (expected files named like "
+                         f"'{IDENTITIES[0].name}.png')")
+    return [IDENTITY_BY_NAME[name] for name in names]
+
+
+def score_batch(frames: torch.Tensor, people: list[list[Identity]]) -> torch.Tensor:
+    """``(B, F, H, W, 3)`` uint8 frames -> ``(B,)`` identity scores."""
+    array = frames.cpu().numpy()
+    return torch.tensor([identity_score(video, who) for video, who in zip(array, people)], dtype=torch.float32)

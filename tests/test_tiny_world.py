@@ -1,0 +1,152 @@
+"""The tiny world's pieces: drawing, the identity check, the key-frame VAE codec, its data set and
+the simple rewards it is meant to make learnable."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from identity_grpo.rewards import RewardInputs, build_reward_fn
+from identity_grpo.world.identity import colour_counts, expected_counts, identity_score, predict
+from identity_grpo.world.render import (
+    BACKGROUNDS, FACE_WIDTH, HAIRS, IDENTITIES, SKINS, STEP, Scene, render_reference, render_video, sample_scene,
+)
+
+SIZE, FRAMES = 32, 5
+
+
+def scenes(seed, count):
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, IDENTITIES, FRAMES) for _ in range(count)]
+
+
+def test_scenes_are_deterministic_keep_faces_inside_and_prompts_name_no_colour():
+    first, again = scenes(3, 40), scenes(3, 40)
+    assert first == again
+    assert np.array_equal(render_video(first[0], SIZE, FRAMES), render_video(again[0], SIZE, FRAMES))
+    colours = set(SKINS) | set(HAIRS)
+    for scene in first:
+        centres = scene.centres(FRAMES)
+        assert centres.min() - FACE_WIDTH / 2 >= 0 and centres.max() + FACE_WIDTH / 2 <= 1
+        if len(scene.people) == 2:  # a face width apart at every frame
+            assert np.all(np.diff(centres, axis=1) >= FACE_WIDTH)
+        assert not colours & set(scene.prompt.split()), scene.prompt
+        assert scene.background in scene.prompt
+
+
+def test_walking_moves_the_face_by_the_step_per_frame():
+    person = IDENTITIES[0]
+    right = Scene((person,), "by the sea", "to the right", (0.3,), 0.5)
+    assert right.centres(FRAMES)[:, 0] == pytest.approx(0.3 + STEP * np.arange(FRAMES))
+    assert right.prompt == "a man walks to the right by the sea"
+    pair = Scene((IDENTITIES[1], IDENTITIES[3]), "at night", "still", (0.25, 0.6), 0.5)
+    assert pair.prompt == "two women stand still at night"
+
+
+def test_colour_counts_by_hand():
+    frame = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    frame[..., :] = BACKGROUNDS["in the park"]
+    frame[0, 0, :3] = SKINS["tan"]  # 3 tan pixels
+    frame[0, 1, 0] = HAIRS["red"]  # 1 red-hair pixel
+    frame[0, 2, 0] = (128, 0, 255)  # far from every palette colour: counted nowhere
+    counts = colour_counts(frame)[0]
+    assert colour_counts(frame, per_column=True)[0].sum(0).tolist() == counts.tolist()
+    assert counts.tolist() == [0, 3, 0, 0, 0, 1, 0]  # pale, tan, dark, black, blond, red, white
+
+
+def test_identity_check_finds_drawn_people_and_is_at_chance_for_wrong_references():
+    rng = np.random.default_rng(0)
+    right, wrong = [], []
+    for scene in scenes(1, 40):
+        video = render_video(scene, SIZE, FRAMES)
+        right.append(identity_score(video, list(scene.people)))
+        others = [IDENTITIES[i] for i in rng.choice(len(IDENTITIES), len(scene.people), replace=False)]
+        wrong.append(identity_score(video, others))
+    # Measured on 60 scenes: 1.0 and 0.06 (chance is 1/24 for one person).
+    assert np.mean(right) > 0.85
+    assert np.mean(wrong) < 0.15
+    # Every person drawn alone at the centre is recognised.
+    expected = expected_counts(SIZE)
+    assert [predict(row[None], 1, SIZE) for row in expected] == [(i,) for i in range(len(IDENTITIES))]
+
+
+def test_references_are_portraits_unlike_any_video_frame():
+    portrait = np.asarray(render_reference(IDENTITIES[0]).resize((SIZE, SIZE)))
+    for scene in scenes(2, 10):
+        for frame in render_video(scene, SIZE, FRAMES):
+            assert np.abs(portrait.astype(int) - frame).mean() > 20
+
+
+def test_keyframe_codec_is_an_image_autoencoder_on_frames_0_and_4():
+    from identity_grpo.world.build import build_vae, make_keyframe_codec, single_frame_convolutions
+
+    torch.manual_seed(0)
+    vae = build_vae().eval()
+    make_keyframe_codec(vae)
+    video = torch.rand(2, 3, FRAMES, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(video).latent_dist.mode()
+        frame_4 = vae.encode(video[:, :, 4:5]).latent_dist.mode()
+        frame_0 = vae.encode(video[:, :, :1]).latent_dist.mode()
+        torch.testing.assert_close(latents[:, :, 1:], frame_4, rtol=0, atol=1e-5)
+        torch.testing.assert_close(latents[:, :, :1], frame_0, rtol=0, atol=1e-5)
+        decoded = vae.decode(latents).sample
+        key = vae.decode(frame_4).sample
+        for index in range(1, FRAMES):
+            torch.testing.assert_close(decoded[:, :, index:index + 1], key, rtol=0, atol=1e-5)
+        # The fast single-frame path computes the same numbers.
+        with single_frame_convolutions():
+            fast = vae.decode(vae.encode(video[:, :, :1]).latent_dist.mode()).sample
+        torch.testing.assert_close(fast, vae.decode(frame_0).sample, rtol=0, atol=1e-5)
+
+
+def test_dataset_rows_are_distinct_between_splits(tmp_path):
+    from identity_grpo.world.build import write_dataset
+
+    write_dataset(tmp_path, seed=0, num_train=12, num_test=4)
+    splits = {}
+    for split in ("train", "test"):
+        with open(tmp_path / f"{split}.csv") as handle:
+            splits[split] = [tuple(row) for row in csv.reader(handle)][1:]
+        for refs, _ in splits[split]:
+            assert all((tmp_path / name).is_file() for name in refs.split(";"))
+    assert len(splits["train"]) == 12 and len(splits["test"]) == 4
+    assert not set(splits["train"]) & set(splits["test"])
+
+
+def _inputs(frames, references):
+    return RewardInputs(frames=torch.as_tensor(frames, dtype=torch.uint8), reference_images=references,
+                        prompts=["p"] * len(references))
+
+
+def test_simple_rewards_by_hand():
+    from ml_collections import ConfigDict
+
+    config = ConfigDict({"reward_fn": {"brightness": 1.0, "redness": 1.0, "rightward": 1.0}})
+    reward = build_reward_fn(config, torch.device("cpu"))
+    frames = np.zeros((2, 2, 4, 4, 3), dtype=np.uint8)
+    frames[0, ..., 0] = 255  # pure red
+    frames[1, :, :, 3] = 255  # white right column on black: the foreground is at x = 3.5 / 4
+    portrait = render_reference(IDENTITIES[0])
+    scores, _ = reward(_inputs(frames, [[portrait], [portrait]]))
+    assert scores["brightness"].tolist() == pytest.approx([1 / 3, 1 / 4])
+    assert scores["redness"].tolist() == pytest.approx([1.0, 0.0])
+    assert scores["rightward"][1].item() == pytest.approx(3.5 / 4)
+
+
+def test_world_identity_reward_recognises_references_and_scores_drawn_videos():
+    from ml_collections import ConfigDict
+
+    reward = build_reward_fn(ConfigDict({"reward_fn": {"world_identity": 1.0}}), torch.device("cpu"))
+    scene = Scene((IDENTITIES[5], IDENTITIES[18]), "in the park", "to the left", (0.45, 0.8), 0.5)
+    video = render_video(scene, SIZE, FRAMES)[None]
+    right = [render_reference(person) for person in scene.people]
+    swapped = [render_reference(IDENTITIES[5]), render_reference(IDENTITIES[2])]
+    scores, _ = reward(_inputs(np.concatenate([video, video]), [right, swapped]))
+    assert scores["world_identity"][0].item() > 0.9
+    assert scores["world_identity"][1].item() <= 0.6
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="tiny-world reference"):
+        reward(_inputs(video, [[Image.new("RGB", (64, 64), (0, 255, 0))]]))
