@@ -150,26 +150,6 @@ def _phantom_sampling(config):
     return config
 
 
-def tiny_world():
-    """The pretrained tiny world (docs/tiny_world.md): a Wan VAE and VACE transformer trained on
-    the world's cartoon people by ``scripts/build_tiny_world.py``, the world's data set, the ODE
-    for evaluation. Trains the learned identity reward (when built) and logs the world's own
-    identity check beside it."""
-    config = tiny()
-    config.run_name = "tiny_world"
-    config.dataset = "dataset/tiny_world"
-    config.pretrained.model = "dataset/tiny_world/models/wan_vace"
-    config.pretrained.reward_model = "dataset/tiny_world/models/identity_reward"
-    config.pretrained.build_tiny = False
-    config.sample.num_steps = 8
-    config.sample.eval_num_steps = 8
-    config.sample.guidance_scale = 3.0
-    config.sample.noise_level = 0.7
-    config.sample.eval_sde = False
-    config.reward_fn = {"identity": 1.0, "world_identity": 0.0}
-    return config
-
-
 def phantom_tiny():
     """``tiny`` with a tiny random Phantom checkpoint built offline on first use: a diffusers
     T2V folder plus an original-format ``phantom_dit.pth`` inside it (exercises the conversion)."""
@@ -245,7 +225,7 @@ def tiny_evoid():
 
 
 def get_config(name):
-    presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "tiny_world": tiny_world, "phantom": phantom, "phantom_tiny": phantom_tiny,
+    presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
                "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
                "vace_evoid": vace_evoid, "tiny_evoid": tiny_evoid}
     if name not in presets:

@@ -1,0 +1,208 @@
+"""The tiny world's identity reward model: the real Qwen2.5-VL reward-token model at toy size,
+trained by the project's own entry point (:mod:`vace_reward.train_reward`) on the world's
+preference pairs (:mod:`identity_grpo.world.preferences`).
+
+:func:`build_world_reward_model` writes the pairs to a temporary folder, builds a small random
+reward model (:func:`vace_reward.testing.build_tiny_reward_model` with the sizes of
+:class:`WorldRewardSettings`), trains it with ``vace_reward.train_reward`` and leaves the final
+model, in the standard layout, at ``out_dir`` (what ``config.pretrained.reward_model`` takes),
+with ``world_reward.json`` beside its weights: the settings and the held-out accuracies.
+
+Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from identity_grpo.world.preferences import (
+    DISTORTION_KINDS,
+    KINDS,
+    SWAP_KINDS,
+    TIE_KINDS,
+    read_kinds,
+    write_preference_set,
+)
+
+logger = logging.getLogger(__name__)
+
+# Short, so a sequence is ~150 tokens instead of ~1000 with the released instruction (which
+# the tiny tokenizer spells out almost byte by byte); saved with the model, so it is what the
+# model is always scored with.
+WORLD_INSTRUCTION = "Do the people in the video match the people in the pictures? <|SA_reward|>"
+SUMMARY_NAME = "world_reward.json"
+
+
+@dataclass
+class WorldRewardSettings:
+    """Data, model sizes and training of the world's reward model (the defaults are the build's)."""
+
+    seed: int = 0
+    # Preference pairs (see identity_grpo.world.preferences): training and held-out.
+    num_train_pairs: int = 448
+    num_eval_pairs: int = 140
+    # Every reference and frame is resized to this many pixels (56 x 56: 4 x 4 patches of 14).
+    pixels: int = 56 * 56
+    # Overrides of vace_reward.testing.build_backbone's text / vision configs ({}: its 2-layer
+    # width-32 language model and 1-block vision tower). A width-64, 2-block-vision model at
+    # 112 x 112 pixels ran about 4x slower per step, and at a 2e-3 learning rate its training loss
+    # rose within one epoch while held-out accuracy stayed at chance.
+    text_sizes: dict = field(default_factory=dict)
+    vision_sizes: dict = field(default_factory=dict)
+    # vace_reward.train_reward options.
+    loss: str = "btt"
+    tie_theta: float = 3.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    learning_rate: float = 3e-3
+    head_learning_rate: float = 3e-2
+    vision_learning_rate: float = 3e-3
+    batch_size: int = 8
+    num_epochs: int = 4
+
+
+def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
+    """Write the random starting model (standard layout) to ``folder``."""
+    from vace_reward.testing import build_tiny_reward_model
+
+    model, processor = build_tiny_reward_model(
+        seed=settings.seed, num_frames=4, min_pixels=settings.pixels, max_pixels=settings.pixels,
+        text_sizes=settings.text_sizes, vision_sizes=settings.vision_sizes)
+    model.config = dataclasses.replace(model.config, instruction=WORLD_INSTRUCTION)
+    model.save_pretrained(folder, processor=processor)
+    return folder
+
+
+def train_arguments(settings: WorldRewardSettings, train_csv: Path, eval_csv: Path, init: Path,
+                    output_dir: Path) -> list[str]:
+    """The ``python -m vace_reward.train_reward`` command line of a world build."""
+    return [
+        "--train-csv", str(train_csv), "--eval-csv", str(eval_csv), "--init", str(init),
+        "--output-dir", str(output_dir), "--loss", settings.loss, "--tie-theta", str(settings.tie_theta),
+        "--lora-r", str(settings.lora_r), "--lora-alpha", str(settings.lora_alpha), "--lora-dropout", "0.0",
+        "--train-vision", "--learning-rate", str(settings.learning_rate),
+        "--head-learning-rate", str(settings.head_learning_rate),
+        "--vision-learning-rate", str(settings.vision_learning_rate),
+        "--batch-size", str(settings.batch_size), "--gradient-accumulation-steps", "1",
+        "--num-epochs", str(settings.num_epochs), "--save-every", "1000000", "--seed", str(settings.seed),
+    ]
+
+
+@torch.no_grad()
+def evaluate_world_reward(model_dir: str | Path, pairs_csv: str | Path, tie_theta: float,
+                          batch_size: int = 16) -> dict[str, float]:
+    """Held-out pairwise accuracy of a reward model folder on a world preference CSV, scored by
+    :class:`vace_reward.inference.IdentityRewardScorer` and measured by
+    :func:`vace_reward.losses.pairwise_accuracy`.
+
+    Returns ``accuracy`` (all pairs; ties are right only when a tie is predicted under
+    ``tie_theta``), ``accuracy_decisive`` (A/B pairs, ties excluded), ``accuracy_preferred``
+    (A/B pairs, the preferred video scored higher, whatever the tie band), then per kind
+    ``<kind>/accuracy`` and the groups ``swap/``, ``distortion/`` and ``tie/``.
+    """
+    from vace_reward.data import read_preference_csv
+    from vace_reward.inference import IdentityRewardScorer
+    from vace_reward.losses import pairwise_accuracy
+
+    pairs = read_preference_csv(pairs_csv)
+    kinds = read_kinds(pairs_csv)
+    scorer = IdentityRewardScorer.from_pretrained(model_dir, batch_size=batch_size)
+    references = [pair.reference_paths for pair in pairs]
+    prompts = [pair.prompt for pair in pairs]
+    reward_a = scorer.score_videos([pair.video_a for pair in pairs], references, prompts)[:, 0]
+    reward_b = scorer.score_videos([pair.video_b for pair in pairs], references, prompts)[:, 0]
+    target = torch.tensor([pair.target for pair in pairs])
+
+    def measure(mask: torch.Tensor) -> dict[str, float]:
+        metrics = pairwise_accuracy(reward_a[mask], reward_b[mask], target[mask], theta=tie_theta)
+        decisive = mask & (target != 0.5)
+        if bool(decisive.any()):
+            preferred = torch.where(target[decisive] == 1.0, reward_a[decisive] > reward_b[decisive],
+                                    reward_b[decisive] > reward_a[decisive])
+            metrics["accuracy_preferred"] = preferred.float().mean().item()
+        return metrics
+
+    everything = torch.ones(len(pairs), dtype=torch.bool)
+    results = measure(everything)
+    groups = {kind: (kind,) for kind in KINDS} | {"swap": SWAP_KINDS, "distortion": DISTORTION_KINDS, "tie": TIE_KINDS}
+    for group, members in groups.items():
+        mask = torch.tensor([kind in members for kind in kinds])
+        if bool(mask.any()):
+            for key, value in measure(mask).items():
+                if key in ("accuracy", "accuracy_preferred", "num_pairs"):
+                    results[f"{group}/{key}"] = value
+    return results
+
+
+def build_world_reward_model(out_dir: str | os.PathLike, seed: int = 0,
+                             settings: WorldRewardSettings | None = None) -> dict:
+    """Write the world's preference pairs, train the reward model on them with
+    ``vace_reward.train_reward`` and put the final model (standard layout) at ``out_dir``.
+
+    ``out_dir`` is replaced only once the new model is complete. Returns the summary also saved
+    as ``out_dir/world_reward.json``: settings, the entry point's last evaluation, the held-out
+    accuracies of :func:`evaluate_world_reward` and the wall time.
+    """
+    from vace_reward.train_reward import parse_args, train
+
+    settings = dataclasses.replace(settings or WorldRewardSettings(), seed=seed)
+    start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="world_reward_") as scratch:
+        scratch = Path(scratch)
+        data = write_preference_set(scratch / "pairs", settings.num_train_pairs, settings.num_eval_pairs, settings.seed)
+        data_seconds = time.time() - start
+        logger.info("wrote %d + %d preference pairs (%.0f s)", settings.num_train_pairs, settings.num_eval_pairs,
+                    data_seconds)
+        init = init_reward_model(scratch / "init", settings)
+        run = scratch / "run"
+        train_metrics = train(parse_args(train_arguments(settings, data.train_csv, data.eval_csv, init, run)))
+        held_out = evaluate_world_reward(run / "final", data.eval_csv, settings.tie_theta)
+        summary = {
+            "settings": dataclasses.asdict(settings),
+            "train_eval": train_metrics,
+            "held_out": held_out,
+            "data_seconds": round(data_seconds, 1),
+            "wall_seconds": round(time.time() - start, 1),
+        }
+        (run / "final" / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        (run / "final" / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes())
+        # Move into place through a sibling folder, so out_dir never holds half a model.
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            shutil.copytree(run / "final", staging / "model")
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.rename(staging / "model", out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("world reward model at %s: held-out swap accuracy %.3f, all pairs %.3f (%.0f s)", out_dir,
+                held_out.get("swap/accuracy", math.nan), held_out["accuracy"], summary["wall_seconds"])
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the trained reward model to")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = build_world_reward_model(args.out_dir, seed=args.seed)
+    print(json.dumps(summary["held_out"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

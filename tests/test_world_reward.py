@@ -1,0 +1,152 @@
+"""The tiny world's preference pairs and its reward model: labels checked with the world's own
+identity classifier, the written data set read back by the reward trainer's reader, and a short
+training run of the real entry point whose loss falls."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from identity_grpo.world.identity import identity_score
+from identity_grpo.world.preferences import (
+    HELD_OUT_IDENTITIES,
+    KINDS,
+    SWAP_KINDS,
+    TIE_KINDS,
+    distort_face,
+    face_box,
+    make_pair,
+    read_kinds,
+    rotate_hue,
+    split_identities,
+    swap_candidates,
+    world_pairs,
+    write_preference_set,
+)
+from identity_grpo.world.render import IDENTITY_BY_NAME, Scene, render_video
+
+# A folder holding a built world reward model (python -m identity_grpo.world.reward OUT_DIR);
+# the held-out accuracy test runs only when it is set.
+WORLD_REWARD_ENV = "IDENTITY_GRPO_WORLD_REWARD"
+
+
+def _scene(*names: str) -> Scene:
+    people = tuple(IDENTITY_BY_NAME[name] for name in names)
+    x0 = (0.3, 0.64)[:len(people)]
+    return Scene(people, "in the park", "still", x0, 0.5)
+
+
+# ---------------------------------------------------------------------- edits by hand
+
+def test_rotate_hue_hand_values():
+    # Pure red a third of the way round the wheel is pure green, two thirds pure blue; a grey
+    # (no saturation) has no hue to rotate.
+    pixels = np.array([[[255, 0, 0], [120, 120, 120]]], dtype=np.uint8)
+    np.testing.assert_array_equal(rotate_hue(pixels, 1 / 3), [[[0, 255, 0], [120, 120, 120]]])
+    np.testing.assert_array_equal(rotate_hue(pixels, 2 / 3), [[[0, 0, 255], [120, 120, 120]]])
+
+
+def test_swap_candidates_differ_as_named():
+    person = IDENTITY_BY_NAME["tan_blond_short"]
+    everyone = list(IDENTITY_BY_NAME.values())
+    # 3 skins x 4 hair colours per style: 2 other skins, 3 other hair colours, 2 x 3 of both.
+    assert sorted(i.name for i in swap_candidates(person, "swap_skin", everyone)) == ["dark_blond_short", "pale_blond_short"]
+    assert sorted(i.name for i in swap_candidates(person, "swap_hair", everyone)) == [
+        "tan_black_short", "tan_red_short", "tan_white_short"]
+    both = swap_candidates(person, "swap_both", everyone)
+    assert len(both) == 6 and all(i.skin != "tan" and i.hair != "blond" and i.style == "short" for i in both)
+
+
+def test_distortions_touch_only_the_face_box():
+    scene = _scene("pale_blond_long", "dark_black_short")
+    video = render_video(scene, 32, 5)
+    for kind in ("hue", "blur"):
+        distorted = distort_face(video, scene, slot=1, kind=kind)
+        inside = np.zeros(video.shape[:3], dtype=bool)
+        for frame_index in range(5):
+            x0, y0, x1, y1 = face_box(scene, 1, frame_index, 32, 5)
+            inside[frame_index, y0:y1, x0:x1] = True
+        changed = (distorted != video).any(axis=-1)
+        assert not changed[~inside].any(), kind
+        assert changed[inside].mean() > 0.2, kind  # a real change of the face, not a few pixels
+    with pytest.raises(ValueError, match="unknown distortion"):
+        distort_face(video, scene, 0, "sharpen")
+
+
+# ---------------------------------------------------------------------- pair labels
+
+@pytest.mark.parametrize("kind", SWAP_KINDS)
+def test_swapped_video_shows_another_identity(kind):
+    # The world's classifier finds every reference in the preferred video, misses the replaced
+    # person in the rejected one, and finds the swap-in there instead.
+    _, everyone = split_identities()
+    rng = np.random.default_rng(3)
+    for scene in (_scene("pale_red_long"), _scene("tan_white_short", "dark_blond_long")):
+        pair = make_pair(kind, scene, rng, everyone, 32, 5)
+        assert pair.label in ("A", "B")
+        preferred, rejected = (pair.video_a, pair.video_b) if pair.label == "A" else (pair.video_b, pair.video_a)
+        shown = pair.shown_b if pair.label == "A" else pair.shown_a
+        assert identity_score(preferred, list(pair.references)) == 1.0
+        assert identity_score(rejected, list(pair.references)) < 1.0
+        assert identity_score(rejected, list(shown)) == 1.0
+        (slot,) = [index for index, (a, b) in enumerate(zip(pair.references, shown)) if a != b]
+        old, new = pair.references[slot], shown[slot]
+        assert old.style == new.style
+        assert (old.skin != new.skin, old.hair != new.hair) == {
+            "swap_skin": (True, False), "swap_hair": (False, True), "swap_both": (True, True)}[kind]
+
+
+def test_pairs_cycle_kinds_and_ties_are_labelled_tie():
+    _, everyone = split_identities()
+    pairs = world_pairs(2 * len(KINDS), seed=7, identities=everyone)
+    assert [pair.kind for pair in pairs] == list(KINDS) * 2
+    for pair in pairs:
+        assert (pair.label == "tie") == (pair.kind in TIE_KINDS)
+        if pair.kind == "tie_same_people":
+            assert pair.shown_a == pair.shown_b == pair.references
+            assert not np.array_equal(pair.video_a, pair.video_b)
+        if pair.kind == "tie_both_swapped":
+            assert pair.shown_a != pair.shown_b and pair.references not in (pair.shown_a, pair.shown_b)
+    # Which side holds the preferred video is a coin flip, not always A.
+    assert {pair.label for pair in pairs if pair.kind not in TIE_KINDS} == {"A", "B"}
+    # Seeded: the same seed draws the same pairs.
+    again = world_pairs(len(KINDS), seed=7, identities=everyone)
+    for first, second in zip(pairs, again):
+        assert first.label == second.label and np.array_equal(first.video_b, second.video_b)
+
+
+def test_written_set_reads_back_and_holds_identities_out(tmp_path):
+    from vace_reward.data import read_preference_csv, read_video
+
+    paths = write_preference_set(tmp_path / "pairs", num_train=2 * len(KINDS), num_eval=len(KINDS), seed=1)
+    train, held_out = read_preference_csv(paths.train_csv), read_preference_csv(paths.eval_csv)
+    assert len(train) == 2 * len(KINDS) and len(held_out) == len(KINDS)
+    assert read_kinds(paths.train_csv) == list(KINDS) * 2
+    for pair in train:
+        assert not {ref.stem for ref in pair.reference_paths} & set(HELD_OUT_IDENTITIES)
+        assert all(ref.stem in IDENTITY_BY_NAME and ref.suffix == ".png" for ref in pair.reference_paths)
+    train_videos = {pair.video_a.name for pair in train} | {pair.video_b.name for pair in train}
+    assert not train_videos & ({pair.video_a.name for pair in held_out} | {pair.video_b.name for pair in held_out})
+    # Videos are lossless at the reward model's 10 fps: the file decodes to the rendered frames.
+    expected = world_pairs(1, seed=2, identities=split_identities()[0])[0]
+    frames, fps = read_video(train[0].video_a)
+    assert fps == pytest.approx(10.0)
+    np.testing.assert_array_equal(frames.numpy(), expected.video_a)
+    with open(paths.train_csv, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header == ["ref_paths", "prompt", "video_a", "video_b", "label", "kind"]
+
+
+def test_unknown_kind_names_file_row_and_field(tmp_path):
+    from vace_reward.data import PreferenceDataError
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("ref_paths,prompt,video_a,video_b,label,kind\nr.png,p,a.mp4,b.mp4,A,swap_skin\n"
+                    "r.png,p,a.mp4,b.mp4,A,swap_eyes\n")
+    with pytest.raises(PreferenceDataError, match=r"pairs.csv, row 3, field 'kind'"):
+        read_kinds(path)
+
+
+# ---------------------------------------------------------------------- training
