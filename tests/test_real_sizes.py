@@ -86,6 +86,7 @@ def real_size_vace_pipeline():
 @pytest.mark.slow
 def test_real_size_rollout_trained_step_and_reward():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from identity_grpo.configuration import validate_config
     from identity_grpo.models import add_lora
@@ -127,9 +128,12 @@ def test_real_size_rollout_trained_step_and_reward():
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # the train script's autocast and unwrap_model
     peft_model.train()
-    with accelerator.autocast():  # one of the two videos: the trained step's cost is per video
-        loss, stats = script.step_loss(config, accelerator, pipeline, peft_model, rollouts.select(torch.tensor([0])),
-                                       torch.tensor([1.0]), 0)
+    try:
+        with accelerator.autocast():  # one of the two videos: the trained step's cost is per video
+            loss, stats = script.step_loss(config, accelerator, pipeline, peft_model,
+                                           rollouts.select(torch.tensor([0])), torch.tensor([1.0]), 0)
+    finally:
+        AcceleratorState._reset_state(True)  # bf16 state would refuse every later in-process Accelerator
     loss.backward()
     assert torch.isfinite(loss)
     # lora_B starts at 0: the policy is the frozen base, so re-scoring gives ratio 1 and KL 0.

@@ -424,7 +424,8 @@ def config_for(case, logdir):
     return config
 
 def fail_late(write_video_first):
-    def generate_variant(name, pipeline, dataset, reward_fn, scorer, config, accelerator, out_dir, variant_dir, refs):
+    def generate_variant(name, pipeline, dataset, reward_fn, scorer, opens2v, config, accelerator, out_dir, variant_dir,
+                         refs):
         if write_video_first:
             (variant_dir / "videos").mkdir(parents=True, exist_ok=True)
             (variant_dir / "videos" / "00000.mp4").write_bytes(b"a finished video")
