@@ -272,3 +272,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def load_preset(name: str):
+    """``config/dgx.py:NAME`` as ``--config`` loads it (the presets file is not a package module)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "config" / "dgx.py"
+    spec = importlib.util.spec_from_file_location("identity_grpo_dgx_presets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(name)

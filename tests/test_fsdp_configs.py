@@ -1,7 +1,6 @@
 """The shipped accelerate configs and the 14B preset, checked without launching anything (the
 launches are in test_multiprocess.py)."""
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,16 +10,13 @@ from accelerate.utils import DistributedType
 
 from identity_grpo.configuration import validate_config
 from identity_grpo.models import WAN_BLOCK_CLASSES, fsdp2_plugin
+from identity_grpo.testing import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "scripts" / "accelerate_configs"
 
 
-def preset(name):
-    spec = importlib.util.spec_from_file_location("dgx_presets_fsdp", ROOT / "config" / "dgx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+preset = load_preset
 
 
 def test_vace14b_preset_validates_and_only_changes_the_model():

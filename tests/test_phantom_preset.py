@@ -1,6 +1,5 @@
 """The Phantom presets, and the tiny Phantom checkpoint through the train loop's own pieces."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,12 @@ from identity_grpo.loop import rollout_rows, sde_config, seeded_generator
 from identity_grpo.models import add_lora
 from identity_grpo.pipelines.phantom import PhantomRolloutPipeline, load_phantom_pipeline
 from identity_grpo.sde import gaussian_kl
-from identity_grpo.testing import build_tiny_phantom_dit
+from identity_grpo.testing import build_tiny_phantom_dit, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def preset(name):
-    spec = importlib.util.spec_from_file_location("dgx_presets", ROOT / "config" / "dgx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+preset = load_preset
 
 
 def test_phantom_preset_has_phantoms_defaults():
