@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from identity_grpo.world.render import IDENTITIES, Identity, Scene, render_reference, render_video, sample_scene
+from identity_grpo.world.render import (
+    IDENTITIES,
+    Identity,
+    Scene,
+    render_frame,
+    render_reference,
+    render_video,
+    sample_scene,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +162,12 @@ def train_vae(settings: BuildSettings, size: WorldSize):
     def frames(count: int) -> torch.Tensor:
         """``(count, 3, 1, H, W)`` key frames (0 or a multiple of 4) of random scenes."""
         keys = list(range(0, size.num_frames, 4))
-        return torch.stack([
-            _to_unit(render_video(sample_scene(rng, IDENTITIES, size.num_frames), size.size,
-                                  size.num_frames)[keys[int(rng.integers(len(keys)))]][None])
-            for _ in range(count)])
+
+        def key_frame() -> np.ndarray:
+            scene = sample_scene(rng, IDENTITIES, size.num_frames)
+            return render_frame(scene, keys[int(rng.integers(len(keys)))], size.size, size.num_frames)
+
+        return torch.stack([_to_unit(key_frame()[None]) for _ in range(count)])
 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(

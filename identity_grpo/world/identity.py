@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from identity_grpo.world.render import (
-    BACKGROUNDS, EYES, HAIRS, IDENTITIES, IDENTITY_BY_NAME, SKINS, Identity, Scene, render_frame,
+    BACKGROUNDS,
+    EYES,
+    HAIRS,
+    IDENTITIES,
+    SKINS,
+    Identity,
+    Scene,
+    render_frame,
 )
 
 _PALETTE = np.array(list(SKINS.values()) + list(HAIRS.values()) + list(BACKGROUNDS.values()) + [EYES], dtype=np.float32)
@@ -77,18 +84,6 @@ def identity_score(frames: np.ndarray, people: list[Identity]) -> float:
     counts = colour_counts(frames, per_column=True)  # (F, W, 7)
     hits = [len(wanted & set(predict(frame_counts, len(people), size))) / len(people) for frame_counts in counts]
     return float(np.mean(hits))
-
-
-def people_of_references(reference_paths) -> list[Identity]:
-    """The world people named by reference files ``<skin>_<hair>_<style>.png``."""
-    from pathlib import Path
-
-    names = [Path(path).stem for path in reference_paths]
-    unknown = [name for name in names if name not in IDENTITY_BY_NAME]
-    if unknown:
-        raise ValueError(f"{unknown} are not tiny-world references (expected files named like "
-                         f"'{IDENTITIES[0].name}.png')")
-    return [IDENTITY_BY_NAME[name] for name in names]
 
 
 def score_batch(frames: torch.Tensor, people: list[list[Identity]]) -> torch.Tensor:
