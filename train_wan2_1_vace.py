@@ -59,7 +59,7 @@ from identity_grpo.loop import (
 )
 from identity_grpo.models import DTYPES, add_lora, fsdp2_mesh, fsdp2_plugin, load_rollout_pipeline, shard_transformer
 from identity_grpo.pipelines.vace import Rollouts
-from identity_grpo.report import write_report
+from identity_grpo.report import before_after_png, write_report
 from identity_grpo.rewards import RewardInputs, build_reward_fn
 from identity_grpo.rewards.composite import epoch_advantages
 from identity_grpo.sampling import KRepeatSampler
@@ -459,6 +459,9 @@ def train(config) -> dict:
     # After end_training, which flushes and closes the tracker files the report reads.
     if config.report and accelerator.is_main_process:
         logger.info("report: %s", write_report([run_dir]))
+        grid = before_after_png(run_dir)
+        if grid is not None:
+            logger.info("references | before | after, per test row: %s", grid)
     return summary
 
 

@@ -661,6 +661,55 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     return report
 
 
+def read_frames(path: Path) -> list:
+    """The frames of an mp4 as ``(H, W, 3)`` uint8 arrays (imageio's ffmpeg reader)."""
+    import imageio
+
+    with imageio.get_reader(path) as reader:
+        return [frame for frame in reader]
+
+
+def before_after_png(run_dir: str | Path, out: str | Path | None = None, max_frames: int = 8,
+                     min_height: int = 96) -> Path | None:
+    """One picture of the evaluation gallery, for a quick look without a browser: per test row,
+    its references, then up to ``max_frames`` evenly spaced frames of the first evaluation
+    (before training) and of the last (after), side by side; tiny videos are enlarged (nearest
+    neighbour) to at least ``min_height`` pixels. Written to ``out`` (default
+    ``<run>/before_after.png``); None when the run saved fewer than two evaluations."""
+    import numpy as np
+    from PIL import Image
+
+    folders = eval_folders(Path(run_dir))
+    if len(folders) < 2:
+        return None
+    (_, first), (_, last) = folders[0], folders[-1]
+    rows = []
+    for record in sorted(first.glob("*.json")):
+        before, after = first / f"{record.stem}.mp4", last / f"{record.stem}.mp4"
+        if not (before.is_file() and after.is_file()):
+            continue
+        videos = [read_frames(before), read_frames(after)]
+        height, width = videos[0][0].shape[:2]
+        gap = np.full((height, max(1, width // 8), 3), 255, np.uint8)
+        parts = [np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC))
+                 for path in sorted(first.glob(f"{record.stem}_ref*.png"))]
+        for frames in videos:
+            picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
+            parts += [gap] + [frames[i] for i in picks]
+        rows.append(np.concatenate(parts, axis=1))
+    if not rows:
+        return None
+    widest = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, row.shape[0] // 8), (0, widest - row.shape[1]), (0, 0)), constant_values=255)
+            for row in rows]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, math.ceil(min_height / rows[0].shape[0]))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    out = Path(out) if out is not None else Path(run_dir) / "before_after.png"
+    grid.save(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m identity_grpo.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run or test_wan2_1_vace.py folder")

@@ -220,8 +220,40 @@ def test_inference_gallery_puts_base_and_lora_side_by_side(inference_run):
 def test_training_run_writes_its_report_and_logs_the_path(train_run):
     run_dir, messages = train_run
     assert (run_dir / "report.html").is_file()
-    # Its last log line (accelerate prefixes the rank).
-    assert messages[-1].endswith(f"report: {run_dir / 'report.html'}"), messages[-3:]
+    # Its last log lines (accelerate prefixes the rank): the report, then the before/after picture.
+    assert messages[-2].endswith(f"report: {run_dir / 'report.html'}"), messages[-3:]
+    assert messages[-1].endswith(f"per test row: {run_dir / 'before_after.png'}"), messages[-3:]
+
+
+def test_before_after_picture_lays_out_references_first_and_last_evaluation(train_run, dataset_dir):
+    import numpy as np
+    from PIL import Image
+
+    run_dir, _ = train_run
+    grid = np.asarray(Image.open(run_dir / "before_after.png"))
+    items = ReferenceVideoDataset(dataset_dir, "test").items
+    size, frames, scale = 32, 5, 3  # tiny preset videos; enlarged to at least 96 pixels
+    gap, row_height = size // 8, size + size // 8
+    assert grid.shape[0] == len(items) * row_height * scale
+    for row, item in enumerate(items):
+        stem = f"{row:05d}"
+        top = row * row_height * scale
+        block = grid[top:top + size * scale:scale, ::scale]  # back to one pixel per video pixel
+        refs = [np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC))
+                for path in sorted((run_dir / "eval" / "epoch_00000").glob(f"{stem}_ref*.png"))]
+        assert len(refs) == len(item.reference_paths)
+        x = 0
+        for ref in refs:
+            np.testing.assert_array_equal(block[:, x:x + size], ref)
+            x += size
+        for epoch in (0, 2):  # first and last evaluation, all 5 frames (fewer than 8)
+            x += gap
+            video = report.read_frames(run_dir / "eval" / f"epoch_{epoch:05d}" / f"{stem}.mp4")
+            for frame in video:
+                np.testing.assert_array_equal(block[:, x:x + size], frame)
+                x += size
+        assert len(video) == frames
+        assert (block[:, x:] == 255).all()  # padding of shorter rows only
 
 
 # ---------------------------------------------------------------------------------------- plots

@@ -107,7 +107,7 @@ def _draw_person(draw: ImageDraw.ImageDraw, identity: Identity, cx: float, cy: f
     skin, hair = SKINS[identity.skin], HAIRS[identity.hair]
     w, h = width, width * 1.2
     if identity.style == "long":
-        draw.rectangle([cx - 0.62 * w, cy - 0.35 * h, cx + 0.62 * w, cy + 0.75 * h], fill=hair)
+        draw.rectangle([cx - 0.75 * w, cy - 0.35 * h, cx + 0.75 * w, cy + 1.0 * h], fill=hair)
     draw.rectangle([cx - 0.18 * w, cy + 0.3 * h, cx + 0.18 * w, cy + 0.8 * h], fill=skin)  # neck
     draw.ellipse([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], fill=skin)
     draw.chord([cx - 0.58 * w, cy - 0.7 * h, cx + 0.58 * w, cy + 0.05 * h], 180, 360, fill=hair)
