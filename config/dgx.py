@@ -253,7 +253,7 @@ def tiny_evoid():
 def get_config(name):
     presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
                "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
-               "vace_evoid": vace_evoid, "tiny_evoid": tiny_evoid}
+               "vace_evoid": vace_evoid, "tiny_evoid": tiny_evoid, "tiny_world": tiny_world}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()

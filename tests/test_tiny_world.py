@@ -150,3 +150,32 @@ def test_world_identity_reward_recognises_references_and_scores_drawn_videos():
 
     with pytest.raises(ValueError, match="tiny-world reference"):
         reward(_inputs(video, [[Image.new("RGB", (64, 64), (0, 255, 0))]]))
+
+
+def test_soft_identity_score_spans_hard_score_to_uniform_guess():
+    # Temperature -> 0: the hard score. Temperature -> infinity: every candidate equally likely,
+    # so the expected hits are 1/24 for one person, and for two: of the 552 ordered pairs, 46
+    # hold a given person, so sum of hits / 2 = (46 + 46) / 2 over 552 = 1/12.
+    for scene in scenes(3, 6):
+        video = render_video(scene, SIZE, FRAMES)
+        people = list(scene.people)
+        hard = identity_score(video, people)
+        assert identity_score(video, people, temperature=1e-6) == pytest.approx(hard, abs=1e-9)
+        uniform = 1 / 24 if len(people) == 1 else 1 / 12
+        assert identity_score(video, people, temperature=1e9) == pytest.approx(uniform, abs=1e-6)
+        soft = identity_score(video, people, temperature=10.0)
+        assert uniform < soft <= hard + 1e-9
+
+
+def test_world_identity_soft_reward_scores_right_references_above_swapped():
+    from ml_collections import ConfigDict
+
+    reward = build_reward_fn(ConfigDict({"reward_fn": {"world_identity_soft": 1.0}}), torch.device("cpu"))
+    scene = Scene((IDENTITIES[5], IDENTITIES[18]), "in the park", "to the left", (0.45, 0.8), 0.5)
+    video = render_video(scene, SIZE, FRAMES)[None]
+    right = [render_reference(person) for person in scene.people]
+    swapped = [render_reference(IDENTITIES[5]), render_reference(IDENTITIES[2])]
+    scores, _ = reward(_inputs(np.concatenate([video, video]), [right, swapped]))
+    soft = scores["world_identity_soft"]
+    assert soft[0].item() > 0.9 and soft[1].item() < 0.6
+    assert soft[0].item() == pytest.approx(identity_score(video[0], list(scene.people), 10.0), abs=1e-6)

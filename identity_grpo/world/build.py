@@ -54,10 +54,10 @@ class BuildSettings:
     vae_batch: int = 8
     vae_lr: float = 5e-4  # 1e-3 and above collapse to the mean colour (measured)
     num_scenes: int = 1536
-    transformer_steps: int = 1500
+    transformer_steps: int = 1800
     transformer_batch: int = 16
     transformer_lr: float = 1e-3
-    transformer_heads: int = 4  # of width 16
+    transformer_heads: int = 8  # of width 16: 128 wide (64 wide followed references at a third the rate)
     transformer_layers: int = 4
     prompt_dropout: float = 0.1
     max_sequence_length: int = 16

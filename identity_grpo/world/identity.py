@@ -57,36 +57,61 @@ def expected_counts(size: int) -> np.ndarray:
     return np.stack(rows)
 
 
-def predict(column_counts: np.ndarray, num_people: int, size: int) -> tuple[int, ...]:
-    """Indices into ``IDENTITIES`` of the people a frame shows, from its ``(W, 7)`` per-column
-    colour counts. One person: the nearest (L1) expected counts over the whole frame. Two: the
-    ordered pair and the column split between them for which left and right part are together
-    nearest to the two people's expected counts (so who has which hair is part of the answer)."""
+def candidate_errors(column_counts: np.ndarray, num_people: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """L1 errors of every candidate answer for a frame's ``(W, 7)`` per-column colour counts, and
+    the candidates: ``(24,)`` errors and ``(24, 1)`` people for one person; for two, ``(552,)``
+    errors of the ordered pairs (each at its best column split: left part against the first
+    person's expected counts, right part against the second's) and ``(552, 2)`` pairs."""
     expected = expected_counts(size)
+    count = len(IDENTITIES)
     if num_people == 1:
-        return (int(np.abs(column_counts.sum(0) - expected).sum(-1).argmin()),)
+        return np.abs(column_counts.sum(0) - expected).sum(-1), np.arange(count)[:, None]
     if num_people != 2:
         raise ValueError(f"the tiny world has one or two people per video, not {num_people}")
     left = np.concatenate([np.zeros_like(column_counts[:1]), np.cumsum(column_counts, axis=0)])  # (W + 1, 7)
     right = left[-1] - left
     error_left = np.abs(left[:, None] - expected[None]).sum(-1)  # (W + 1, 24)
     error_right = np.abs(right[:, None] - expected[None]).sum(-1)
-    total = error_left[:, :, None] + error_right[:, None, :]  # (W + 1, 24 left, 24 right)
-    total[:, np.arange(len(IDENTITIES)), np.arange(len(IDENTITIES))] = np.inf
-    _, first, second = np.unravel_index(total.argmin(), total.shape)
-    return int(first), int(second)
+    total = (error_left[:, :, None] + error_right[:, None, :]).min(axis=0)  # (24 left, 24 right), best split
+    first, second = np.nonzero(~np.eye(count, dtype=bool))
+    return total[first, second], np.stack([first, second], axis=1)
 
 
-def identity_score(frames: np.ndarray, people: list[Identity]) -> float:
-    """Mean over frames of the fraction of ``people`` the classifier finds in the frame."""
+def predict(column_counts: np.ndarray, num_people: int, size: int) -> tuple[int, ...]:
+    """Indices into ``IDENTITIES`` of the people a frame shows, from its ``(W, 7)`` per-column
+    colour counts. One person: the nearest (L1) expected counts over the whole frame. Two: the
+    ordered pair and the column split between them for which left and right part are together
+    nearest to the two people's expected counts (so who has which hair is part of the answer)."""
+    errors, candidates = candidate_errors(column_counts, num_people, size)
+    return tuple(int(person) for person in candidates[errors.argmin()])
+
+
+def identity_score(frames: np.ndarray, people: list[Identity], temperature: float = 0.0) -> float:
+    """Mean over frames of the fraction of ``people`` the classifier finds in the frame.
+
+    ``temperature > 0`` gives the soft score: instead of the nearest candidate's hits, the hits
+    expected under ``softmax(-error / (temperature * size**2 / 1024))`` over all candidates (the
+    temperature is in pixels of a 32 x 32 frame). It tends to the hard score as the temperature
+    goes to 0 and, unlike it, moves a little with every pixel: a denser reward for training.
+    """
     size = frames.shape[-2]
-    wanted = {IDENTITIES.index(person) for person in people}
+    wanted = np.array([IDENTITIES.index(person) for person in people])
     counts = colour_counts(frames, per_column=True)  # (F, W, 7)
-    hits = [len(wanted & set(predict(frame_counts, len(people), size))) / len(people) for frame_counts in counts]
-    return float(np.mean(hits))
+    scores = []
+    for frame_counts in counts:
+        errors, candidates = candidate_errors(frame_counts, len(people), size)
+        hits = np.isin(candidates, wanted).sum(axis=1) / len(people)
+        if temperature > 0:
+            logits = -errors / (temperature * size ** 2 / 1024)
+            weights = np.exp(logits - logits.max())
+            scores.append(float((weights * hits).sum() / weights.sum()))
+        else:
+            scores.append(float(hits[errors.argmin()]))
+    return float(np.mean(scores))
 
 
-def score_batch(frames: torch.Tensor, people: list[list[Identity]]) -> torch.Tensor:
-    """``(B, F, H, W, 3)`` uint8 frames -> ``(B,)`` identity scores."""
+def score_batch(frames: torch.Tensor, people: list[list[Identity]], temperature: float = 0.0) -> torch.Tensor:
+    """``(B, F, H, W, 3)`` uint8 frames -> ``(B,)`` identity scores (:func:`identity_score`)."""
     array = frames.cpu().numpy()
-    return torch.tensor([identity_score(video, who) for video, who in zip(array, people)], dtype=torch.float32)
+    return torch.tensor([identity_score(video, who, temperature) for video, who in zip(array, people)],
+                        dtype=torch.float32)
