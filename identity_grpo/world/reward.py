@@ -14,6 +14,7 @@ Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0]``.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -38,39 +39,80 @@ from identity_grpo.world.preferences import (
 
 logger = logging.getLogger(__name__)
 
-# Short, so a sequence is ~150 tokens instead of ~1000 with the released instruction (which
-# the tiny tokenizer spells out almost byte by byte); saved with the model, so it is what the
-# model is always scored with.
-WORLD_INSTRUCTION = "Do the people in the video match the people in the pictures? <|SA_reward|>"
+# The reward token alone, with an empty system turn: the fixed text is ~20 tokens instead of
+# ~100, so the 48 vision tokens are most of what the reward token attends to. Measured alone (on
+# the old 2-layer model) it made no difference; it is part of the setting that learned, with the
+# backbone sizes below. Saved with the model, so it is what the model is always scored with.
+WORLD_INSTRUCTION = "<|SA_reward|>"
+WORLD_SYSTEM_PROMPT = ""
 SUMMARY_NAME = "world_reward.json"
 
 
 @dataclass
 class WorldRewardSettings:
-    """Data, model sizes and training of the world's reward model (the defaults are the build's)."""
+    """Data, model sizes and training of the world's reward model (the defaults are the build's).
+
+    Measured on one shared CPU core (held-out swapped-identity accuracy, 90 pairs): the
+    build_backbone defaults (2 layers of width 32, init std 0.02) at 56 px stayed at 0.53-0.62
+    whatever the learning rate; at 3e-3 every video got the same score within 150 steps. A random
+    backbone of init std 0.02 barely mixes tokens, so little gradient reaches the comparison of
+    video and references; 4 layers of width 64 at init std 0.1 (and 112 px, 2 frames, the short
+    text) learned it. With the "bt" loss no tie is ever predicted: tie accuracy is 0 by design.
+    These defaults, seed 0: held-out swap accuracy 0.82, distortion 0.88 (210 pairs, 8.5 minutes
+    in all); 1400 pairs x 6 epochs gave 0.77 / 0.83, 4200 pairs x 2 epochs 0.76 / 0.90.
+    """
 
     seed: int = 0
     # Preference pairs (see identity_grpo.world.preferences): training and held-out.
-    num_train_pairs: int = 448
-    num_eval_pairs: int = 140
-    # Every reference and frame is resized to this many pixels (56 x 56: 4 x 4 patches of 14).
-    pixels: int = 56 * 56
-    # Overrides of vace_reward.testing.build_backbone's text / vision configs ({}: its 2-layer
-    # width-32 language model and 1-block vision tower). A width-64, 2-block-vision model at
-    # 112 x 112 pixels ran about 4x slower per step, and at a 2e-3 learning rate its training loss
-    # rose within one epoch while held-out accuracy stayed at chance.
-    text_sizes: dict = field(default_factory=dict)
-    vision_sizes: dict = field(default_factory=dict)
-    # vace_reward.train_reward options.
-    loss: str = "btt"
+    num_train_pairs: int = 2800
+    num_eval_pairs: int = 210
+    # Kinds trained on. The "bt" loss gives tied pairs zero loss, so they only cost time.
+    train_kinds: tuple[str, ...] = SWAP_KINDS + DISTORTION_KINDS
+    # Every reference and frame is resized to this many pixels. 112 x 112: 4 x 4 merged tokens
+    # (28 px each), so a 32-px frame's face (8 px) spans about one token; at 56 x 56 a whole frame
+    # was 2 x 2 tokens.
+    pixels: int = 112 * 112
+    # Frames of each video the model reads (sampled from the world's 5; 2 = one temporal patch,
+    # half the video tokens of 4, and the people barely differ between frames).
+    num_frames: int = 2
+    # Overrides of vace_reward.testing.build_backbone's text / vision configs. Width 128 with 8
+    # heads was slower and no better; init std 0.2 memorised (0.57 held out).
+    text_sizes: dict = field(default_factory=lambda: {
+        "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "num_hidden_layers": 4, "initializer_range": 0.1})
+    vision_sizes: dict = field(default_factory=lambda: {"out_hidden_size": 64, "initializer_range": 0.1})
+    # vace_reward.train_reward options. "btt" (ties) drove the old model to predict a tie for
+    # every pair; learning rates of 3e-3 collapsed every score to one value.
+    loss: str = "bt"
     tie_theta: float = 3.0
     lora_r: int = 8
     lora_alpha: int = 16
-    learning_rate: float = 3e-3
-    head_learning_rate: float = 3e-2
-    vision_learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
+    head_learning_rate: float = 1e-3
+    vision_learning_rate: float = 1e-3
     batch_size: int = 8
-    num_epochs: int = 4
+    num_epochs: int = 3
+
+    @property
+    def eval_theta(self) -> float:
+        """Tie parameter to predict outcomes with: ``tie_theta`` under "btt", else 1 (no ties)."""
+        return self.tie_theta if self.loss == "btt" else 1.0
+
+
+def select_kinds(pairs_csv: Path, kinds: tuple[str, ...], out_csv: Path) -> Path:
+    """Copy the rows of a world preference CSV whose kind is in ``kinds`` to ``out_csv`` (same
+    folder, so the relative media paths still resolve); return ``out_csv``."""
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise ValueError(f"train_kinds {unknown} are not pair kinds; use some of {KINDS}")
+    with open(pairs_csv, newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    kind_column = header.index("kind")
+    with open(out_csv, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(row for row in rows if row[kind_column] in kinds)
+    return out_csv
 
 
 def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
@@ -78,9 +120,9 @@ def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
     from vace_reward.testing import build_tiny_reward_model
 
     model, processor = build_tiny_reward_model(
-        seed=settings.seed, num_frames=4, min_pixels=settings.pixels, max_pixels=settings.pixels,
+        seed=settings.seed, num_frames=settings.num_frames, min_pixels=settings.pixels, max_pixels=settings.pixels,
         text_sizes=settings.text_sizes, vision_sizes=settings.vision_sizes)
-    model.config = dataclasses.replace(model.config, instruction=WORLD_INSTRUCTION)
+    model.config = dataclasses.replace(model.config, instruction=WORLD_INSTRUCTION, system_prompt=WORLD_SYSTEM_PROMPT)
     model.save_pretrained(folder, processor=processor)
     return folder
 
@@ -169,8 +211,9 @@ def build_world_reward_model(out_dir: str | os.PathLike, seed: int = 0,
                     data_seconds)
         init = init_reward_model(scratch / "init", settings)
         run = scratch / "run"
-        train_metrics = train(parse_args(train_arguments(settings, data.train_csv, data.eval_csv, init, run)))
-        held_out = evaluate_world_reward(run / "final", data.eval_csv, settings.tie_theta)
+        train_csv = select_kinds(data.train_csv, settings.train_kinds, data.root / "train_selected.csv")
+        train_metrics = train(parse_args(train_arguments(settings, train_csv, data.eval_csv, init, run)))
+        held_out = evaluate_world_reward(run / "final", data.eval_csv, settings.eval_theta)
         summary = {
             "settings": dataclasses.asdict(settings),
             "train_eval": train_metrics,
