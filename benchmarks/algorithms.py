@@ -1,17 +1,19 @@
-"""GRPO (upstream settings), GRPO window, GRPO fast and DiffusionNFT side by side on the tiny
-models: the evaluation reward against transformer forward-equivalents (batch elements of forward
-calls, a backward pass counting 2; analytic, the formulas ``nfe.py`` checks by hook counts) and
-against wall time, the same seeds, rows and reward (``ref_tone``) for every variant.
+"""GRPO (upstream settings), GRPO window, GRPO fast, DiffusionNFT and EvoID side by side on the
+tiny world (docs/tiny_world.md): the evaluation reward against transformer forward-equivalents
+(batch elements of forward calls, a backward pass counting 2; analytic, the formulas ``nfe.py``
+checks by hook counts) and against wall time, the same seeds, rows and reward for every variant.
 
-Each variant is a real run of ``train_wan2_1_vace.py`` (tiny / tiny_nft presets) with
-evaluation every ``--eval-every`` epochs; the curves are read from its tensorboard events.
-Prints a table (final reward, forward-equivalents and seconds to reach GRPO's final reward) and
-writes ``algorithms.png`` (reward vs forward-equivalents) next to ``--out``.
+Each variant is a real run of ``train_wan2_1_vace.py`` (tiny_world / tiny_world_nft /
+tiny_world_evoid presets) with evaluation every ``--eval-every`` epochs; the curves are read from
+its tensorboard events. Prints a table (final reward, forward-equivalents and seconds to reach
+GRPO's final reward) and writes ``algorithms.png`` (reward vs forward-equivalents) next to ``--out``.
 
-    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--out benchmarks/results]   # --full: seeds 0 1 2
+    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--reward world_identity_soft] [--out benchmarks/results]
+    # --full: seeds 0 1 2
 
-The tiny models are random and the reward is a pixel statistic: this compares the algorithms'
-mechanics and costs, not what they do to a real Wan model with the identity reward model.
+The world's models were trained for real but are tiny, and its rewards are its identity check or
+pixel statistics: this compares the algorithms' mechanics and costs, not what they do to a real
+Wan model with the identity reward model.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import nfe
 
 VARIANTS = {
     # name: (preset, overrides)
-    "GRPO (upstream settings)": ("tiny", []),
-    "GRPO window 2": ("tiny", ["--config.sample.sde_window_size=2"]),
-    "GRPO fast (window 2)": ("tiny", ["--config.sample.sde_window_size=2", "--config.sample.fast_branch=True",
-                                      "--config.sample.same_latent=True"]),
-    "DiffusionNFT": ("tiny_nft", []),
+    "GRPO (upstream settings)": ("tiny_world", []),
+    "GRPO window 2": ("tiny_world", ["--config.sample.sde_window_size=2"]),
+    "GRPO fast (window 2)": ("tiny_world", ["--config.sample.sde_window_size=2", "--config.sample.fast_branch=True",
+                                            "--config.sample.same_latent=True"]),
+    "DiffusionNFT": ("tiny_world_nft", []),
+    "EvoID": ("tiny_world_evoid", []),
 }
 
 
@@ -40,17 +43,17 @@ def run(name: str, preset: str, overrides: list[str], seed: int, args, logdir: P
                f"{common.REPO / 'config' / 'dgx.py'}:{preset}", f"--config.logdir={logdir}",
                f"--config.seed={seed}", f"--config.num_epochs={args.epochs}", f"--config.eval_freq={args.eval_every}",
                "--config.tracker=tensorboard", "--config.run_name=run", "--config.log_videos_freq=0",
-               "--config.sample.eval_sde=False", *overrides]
+               "--config.sample.eval_sde=False", f"--config.reward_fn={{{args.reward!r}: 1.0}}", *overrides]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{name} (seed {seed}) failed:\n{done.stderr[-3000:]}")
-    return eval_curve(logdir), seconds
+    return eval_curve(logdir, args.reward), seconds
 
 
-def eval_curve(logdir: Path) -> list[tuple[int, float]]:
-    """``[(optimizer step, eval/ref_tone)]`` from the run's tensorboard events."""
+def eval_curve(logdir: Path, reward: str) -> list[tuple[int, float]]:
+    """``[(optimizer step, eval/<reward>)]`` from the run's tensorboard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = sorted(logdir.rglob("events.out.tfevents.*"))
@@ -58,10 +61,10 @@ def eval_curve(logdir: Path) -> list[tuple[int, float]]:
     for path in events:
         accumulator = EventAccumulator(str(path))
         accumulator.Reload()
-        if "eval/ref_tone" in accumulator.Tags().get("scalars", []):
-            points.update({e.step: e.value for e in accumulator.Scalars("eval/ref_tone")})
+        if f"eval/{reward}" in accumulator.Tags().get("scalars", []):
+            points.update({e.step: e.value for e in accumulator.Scalars(f"eval/{reward}")})
     if not points:
-        raise RuntimeError(f"no eval/ref_tone in the tensorboard events under {logdir}")
+        raise RuntimeError(f"no eval/{reward} in the tensorboard events under {logdir}")
     return sorted(points.items())
 
 
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--reward", default="world_identity_soft", help="the one reward trained and evaluated")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     args = parser.parse_args()
     if args.full and args.seeds == [0]:
@@ -94,7 +98,7 @@ def main() -> None:
             cost = per_epoch_cost(preset, overrides)
             for seed in args.seeds:
                 curve, seconds = run(name, preset, overrides, seed, args, Path(folder) / f"{len(results)}")
-                # Optimizer steps per epoch are the same for every variant (1 with the tiny presets), so
+                # Optimizer steps per epoch are the same for every variant (1 with the tiny-world presets), so
                 # step s of the curve is after s epochs of sampling and training.
                 steps_per_epoch = max(curve[-1][0], 1) / args.epochs
                 results[(name, seed)] = ([(step / steps_per_epoch * cost, reward) for step, reward in curve],
@@ -111,7 +115,7 @@ def main() -> None:
             rows.append([name, seed, f"{points[0][1]:.4f}", f"{points[-1][1]:.4f}", cost,
                          f"{reached:.3g}" if reached is not None else "not reached",
                          f"{reached / total * seconds:.0f}" if reached is not None else "-", f"{seconds:.0f}"])
-    print(f"\n{args.epochs} epochs, eval every {args.eval_every} (deterministic eval, test rows), reward ref_tone")
+    print(f"\n{args.epochs} epochs, eval every {args.eval_every} (deterministic eval, test rows), reward {args.reward}")
     print(common.table(["variant", "seed", "eval before", "eval after", "forward-eq / epoch",
                         "forward-eq to GRPO's final", "~s to GRPO's final", "run s"], rows))
     try:
@@ -126,8 +130,8 @@ def main() -> None:
     for (name, seed), (points, _, _) in results.items():
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} (seed {seed})")
     axis.set_xlabel("transformer forward-equivalents (backward = 2)")
-    axis.set_ylabel("eval ref_tone")
-    axis.set_title("tiny models: reward vs cost")
+    axis.set_ylabel(f"eval {args.reward}")
+    axis.set_title("tiny world: reward vs cost")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(args.out / "algorithms.png", dpi=110)
