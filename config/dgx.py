@@ -126,7 +126,7 @@ def tiny_world():
     Trains ``world_identity_soft`` (are the generated people the referenced ones: skin, hair
     colour, hair style; the soft form of the world's identity check) and logs the hard check
     ``world_identity`` and the world's learned reward model ``identity``. Learning rate 1e-3: 3e-3 and 5e-3 wreck the generator's identity
-    (measured, docs/tiny_world.md). About 5 minutes on 2 CPU cores.
+    (measured, docs/tiny_world.md). 5-10 minutes on 2 CPU cores.
     """
     config = tiny()
     config.run_name = "tiny_world"
