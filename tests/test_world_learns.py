@@ -39,7 +39,7 @@ NFT = CHEAP + ("--config.nft.num_timesteps=2",)
 EXTRA = {"nft": (), "evoid": ("--config.evoid.lambda_self=0.05",)}
 # Seeds also run with the objective's sign flipped.
 FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,)}
-# A run must move its reward by at least this much (rewards lie in [0, 1]).
+# A run must move its reward by at least this much (brightness lies in [0, 1], redness in [-1, 1]).
 MARGIN = 0.02
 
 pytestmark = pytest.mark.slow
