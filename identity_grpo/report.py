@@ -661,14 +661,6 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     return report
 
 
-def read_frames(path: Path) -> list:
-    """The frames of an mp4 as ``(H, W, 3)`` uint8 arrays (imageio's ffmpeg reader)."""
-    import imageio
-
-    with imageio.get_reader(path) as reader:
-        return [frame for frame in reader]
-
-
 def before_after_png(run_dir: str | Path, out: str | Path | None = None, max_frames: int = 8,
                      min_height: int = 96) -> Path | None:
     """One picture of the evaluation gallery, for a quick look without a browser: per test row,
@@ -679,6 +671,8 @@ def before_after_png(run_dir: str | Path, out: str | Path | None = None, max_fra
     import numpy as np
     from PIL import Image
 
+    from vace_reward.data import read_video
+
     folders = eval_folders(Path(run_dir))
     if len(folders) < 2:
         return None
@@ -688,7 +682,7 @@ def before_after_png(run_dir: str | Path, out: str | Path | None = None, max_fra
         before, after = first / f"{record.stem}.mp4", last / f"{record.stem}.mp4"
         if not (before.is_file() and after.is_file()):
             continue
-        videos = [read_frames(before), read_frames(after)]
+        videos = [read_video(before)[0].numpy(), read_video(after)[0].numpy()]
         height, width = videos[0][0].shape[:2]
         gap = np.full((height, max(1, width // 8), 3), 255, np.uint8)
         parts = [np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC))

@@ -229,6 +229,8 @@ def test_before_after_picture_lays_out_references_first_and_last_evaluation(trai
     import numpy as np
     from PIL import Image
 
+    from vace_reward.data import read_video
+
     run_dir, _ = train_run
     grid = np.asarray(Image.open(run_dir / "before_after.png"))
     items = ReferenceVideoDataset(dataset_dir, "test").items
@@ -248,7 +250,7 @@ def test_before_after_picture_lays_out_references_first_and_last_evaluation(trai
             x += size
         for epoch in (0, 2):  # first and last evaluation, all 5 frames (fewer than 8)
             x += gap
-            video = report.read_frames(run_dir / "eval" / f"epoch_{epoch:05d}" / f"{stem}.mp4")
+            video = read_video(run_dir / "eval" / f"epoch_{epoch:05d}" / f"{stem}.mp4")[0].numpy()
             for frame in video:
                 np.testing.assert_array_equal(block[:, x:x + size], frame)
                 x += size

@@ -37,7 +37,6 @@ import colorsys
 import csv
 import dataclasses
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +52,7 @@ from identity_grpo.world.render import (
     render_video,
     sample_scene,
 )
-from vace_reward.data import PAIR_COLUMNS
+from vace_reward.data import PAIR_COLUMNS, write_video
 
 SWAP_KINDS = ("swap_skin", "swap_hair", "swap_both")
 DISTORTION_KINDS = ("hue", "blur")
@@ -175,30 +174,6 @@ def distort_face(video: np.ndarray, scene: Scene, slot: int, kind: str, turns: f
 
 # ---------------------------------------------------------------------- pairs
 
-def write_lossless_video(path: Path, frames: np.ndarray, fps: float = VIDEO_FPS) -> Path:
-    """Write ``(F, H, W, 3)`` uint8 frames as lossless RGB H.264 (libx264rgb, CRF 0), the codec and
-    settings of ``vace_reward.data.write_video(lossless=True)``, so the file decodes bit-exactly.
-
-    Encoded in process with PyAV (installed with qwen-vl-utils): ``write_video`` starts one ffmpeg
-    process per video, about 0.14 s each on a shared core, which made writing 588 pairs take 3
-    minutes; this takes about 0.01 s a video.
-    """
-    import av
-
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "rgb24"
-        stream.options = {"crf": "0", "preset": "ultrafast"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush the encoder
-    return path
-
-
 def make_pair(kind: str, scene: Scene, rng: np.random.Generator, identities, size: int, num_frames: int) -> WorldPair:
     """A pair of ``kind`` built on ``scene`` (its people are the references); swap-ins are drawn
     from ``identities`` and never repeat a person already in the scene."""
@@ -279,7 +254,7 @@ def write_pairs(root: Path, name: str, pairs: list[WorldPair]) -> Path:
         videos = []
         for side, video in (("a", pair.video_a), ("b", pair.video_b)):
             path = root / "videos" / f"{name}_{index:04d}_{side}.mp4"
-            write_lossless_video(path, video)
+            write_video(path, video, fps=VIDEO_FPS, lossless=True)
             videos.append(path.relative_to(root).as_posix())
         rows.append([";".join(references), pair.prompt, *videos, pair.label, pair.kind])
     path = root / f"{name}.csv"
