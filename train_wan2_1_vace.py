@@ -189,12 +189,11 @@ def nft_step_loss(config, accelerator, pipeline, transformer, rollouts, advantag
                            nft_beta=config.nft.beta, adv_clip_max=config.train.adv_clip_max, v_ref=v_ref,
                            kl_weight=config.train.beta)
     if config.algorithm == "evoid":
-        # The T2V teacher: the frozen base on the video frames alone with VACE's context off.
-        video = slice(rollouts.num_references, None)
         with torch.no_grad(), peft_model.disable_adapter():
-            v_t2v = pipeline.guided_velocity(x_t[:, :, video], timestep, rollouts.prompt_embeds, None,
-                                             rollouts.conditioning[:, :, video], 1.0, 0.0, transformer=peft_model)
-        anchors, anchor_stats = anchor_losses(v_theta, v_t2v, v_ref, video_frames=video,
+            v_t2v = pipeline.text_to_video_velocity(x_t, timestep, rollouts.prompt_embeds, rollouts.conditioning,
+                                                    rollouts.num_references, transformer=peft_model)
+        anchors, anchor_stats = anchor_losses(v_theta, v_t2v, v_ref,
+                                              video_frames=pipeline.video_frames(rollouts.num_references),
                                               lambda_t2v=config.evoid.lambda_t2v, lambda_self=config.evoid.lambda_self)
         loss, stats = loss + anchors, {**stats, **anchor_stats}
     return loss, stats

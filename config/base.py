@@ -87,6 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Phantom only: the Phantom DiT, an original-format .pth or a converted diffusers transformer
     # folder (`model` is then the Wan2.1-T2V-1.3B diffusers folder). See docs/phantom.md.
     pretrained.phantom_dit = ""
+    # EvoID only: its frozen text-to-video teacher, a diffusers WanTransformer3DModel folder (a
+    # Wan2.1-T2V-1.3B diffusers folder, whose `transformer` is used, or a transformer folder).
+    # Empty: VACE uses its own base with the VACE context switched off (exactly the T2V
+    # transformer on VACE's base weights); Phantom the transformer of `model`, the Wan2.1-T2V-1.3B
+    # that Phantom was fine-tuned from.
+    pretrained.teacher = ""
     # Identity reward model folder (see vace_reward), used by the "identity" reward.
     pretrained.reward_model = "outputs/identity_reward"
 
@@ -185,8 +191,8 @@ def get_config() -> ml_collections.ConfigDict:
     nft.old_policy_decay_type = 1
     # "evoid": EvoID = the nft update (its Stable model is the old adapter) plus two anchors
     # (identity_grpo/evoid.py): lambda_t2v x the squared velocity distance, on the video frames, to
-    # a frozen text-to-video teacher (VACE with its context switched off: exactly the T2V
-    # transformer on VACE's base weights), and lambda_self x that to the initial model. VACE only.
+    # a frozen text-to-video teacher (pretrained.teacher), and lambda_self x that to the initial
+    # model. VACE and Phantom.
     config.evoid = evoid = ml_collections.ConfigDict()
     evoid.lambda_t2v = 0.01
     evoid.lambda_self = 0.2

@@ -248,6 +248,17 @@ def vace_evoid():
     return config
 
 
+def phantom_evoid():
+    """``phantom_nft`` plus EvoID's anchors (T2V teacher 0.01, initial model 0.2). The teacher is
+    the transformer of ``pretrained.model``: Wan2.1-T2V-1.3B, the model Phantom was fine-tuned
+    from (``pretrained.teacher`` to use another)."""
+    config = phantom_nft()
+    config.run_name = "phantom_evoid"
+    config.algorithm = "evoid"
+    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
+    return config
+
+
 def tiny_world_nft():
     """``tiny_world`` trained with DiffusionNFT: 8-step deterministic collection (the world's
     sampler), CFG-free, KL weight 0."""
@@ -280,7 +291,7 @@ def tiny_evoid():
 def get_config(name):
     presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
                "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
-               "vace_evoid": vace_evoid, "tiny_evoid": tiny_evoid, "tiny_world": tiny_world,
+               "vace_evoid": vace_evoid, "phantom_evoid": phantom_evoid, "tiny_evoid": tiny_evoid, "tiny_world": tiny_world,
                "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")

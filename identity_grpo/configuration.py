@@ -133,9 +133,6 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
             errors.append(f"nft.old_policy_decay_type ({nft.old_policy_decay_type}) must be one of "
                           f"{OLD_POLICY_DECAY_TYPES}")
         if config.algorithm == "evoid":
-            if config.model_type != "vace":
-                errors.append("algorithm 'evoid' needs model_type 'vace': its text-to-video teacher is VACE with the "
-                              "context switched off; Phantom would need a separate T2V model, not supported yet")
             if not (config.evoid.lambda_t2v >= 0 and config.evoid.lambda_self >= 0):
                 errors.append(f"evoid.lambda_t2v ({config.evoid.lambda_t2v}) and evoid.lambda_self "
                               f"({config.evoid.lambda_self}) must be >= 0")
@@ -298,6 +295,14 @@ def _path_errors(config, training: bool) -> list[str]:
             may_build_tiny(config, pretrained.model) and not Path(pretrained.model).exists()):
         errors.append(f"config.pretrained.phantom_dit = {dit!r} does not exist; point it at Phantom-Wan-1.3B.pth or "
                       "a converted diffusers transformer folder")
+    teacher = pretrained.get("teacher", "")
+    if config.algorithm == "evoid" and teacher:
+        if Path(teacher).is_dir() and not (Path(teacher, "config.json").is_file()
+                                           or Path(teacher, "transformer", "config.json").is_file()):
+            errors.append(f"config.pretrained.teacher = {teacher!r} holds neither config.json nor transformer/config.json; "
+                          "point it at a Wan2.1-T2V diffusers folder or its transformer folder")
+        elif not Path(teacher).is_dir():
+            errors.append(model_path_error(config, "pretrained.teacher", teacher, "config.json"))
     weights = dict(config.reward_fn)
     if "identity" in weights:  # built and scored even at weight 0 (then logged, not optimised)
         path = str(pretrained.get("reward_model", ""))

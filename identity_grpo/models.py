@@ -157,14 +157,61 @@ def load_rollout_pipeline(config, device: torch.device, dtype: torch.dtype):
         from identity_grpo.pipelines.vace import VaceRolloutPipeline
 
         pipeline = VaceRolloutPipeline(load_vace_pipeline(config, device, dtype), dtype=dtype)
+    pipeline.teacher = load_teacher(config, pipeline, device, dtype)
     backend = attention_backend(config)
     set_attention_backend(pipeline.transformer, backend)
+    if pipeline.teacher is not None:
+        set_attention_backend(pipeline.teacher, backend)
     logger.info("attention backend: %s", backend)
     pipeline.sigma_table = config.sample.sigma_table
     pipeline.ode_solver = config.sample.eval_solver
     # Upstream's scoring path, exactly: its uint8 conversion truncates before the mp4 is written.
     pipeline.truncate_frames = bool(config.reward_model.mp4_roundtrip)
     return pipeline
+
+
+# What a text-to-video teacher must share with the trained transformer to read its latents and
+# prompt embeddings.
+TEACHER_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim")
+
+
+def load_teacher(config, pipeline, device: torch.device, dtype: torch.dtype):
+    """EvoID's frozen text-to-video teacher, a ``WanTransformer3DModel`` in ``dtype``, or None when
+    none is loaded: the algorithm is not "evoid", or the model is VACE and ``pretrained.teacher``
+    is empty (VACE's own base with its context off is then the teacher, see
+    :meth:`~identity_grpo.pipelines.base.RolloutPipeline.text_to_video_velocity`).
+
+    Reads ``pretrained.teacher`` (a diffusers folder with a ``transformer`` subfolder, a transformer
+    folder, or a hub id), for Phantom by default ``pretrained.model``: the Wan2.1-T2V folder whose
+    transformer Phantom was fine-tuned from. Refuses a teacher whose input, output, patch or text
+    sizes differ from ``pipeline``'s transformer, naming the field.
+    """
+    if config.algorithm != "evoid":
+        return None
+    path = config.pretrained.get("teacher", "") or (config.pretrained.model if config.model_type == "phantom" else "")
+    if not path:
+        return None
+    from diffusers import WanTransformer3DModel
+
+    local = Path(path).is_dir()
+    subfolder = "transformer" if not local or Path(path, "transformer", "config.json").is_file() else None
+    teacher = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype,
+                                                    local_files_only=local)
+    trained = pipeline.transformer_config
+    mismatched = [f"{field} {teacher.config[field]} (the trained transformer's: {trained[field]})"
+                  for field in TEACHER_FIELDS if _as_list(teacher.config[field]) != _as_list(trained[field])]
+    if mismatched:
+        raise ValueError(f"config.pretrained.teacher = {path!r} cannot teach this model: {', '.join(mismatched)}; "
+                         "give the text-to-video transformer of the same family (Wan2.1-T2V-1.3B for the 1.3B models)")
+    teacher.requires_grad_(False)
+    teacher.eval()
+    logger.info("EvoID text-to-video teacher: %s%s", path, f" ({subfolder})" if subfolder else "")
+    return teacher.to(device)
+
+
+def _as_list(value):
+    """``patch_size`` is a list in JSON and a tuple in code; compare either as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def attention_backend_error(backend: str) -> str | None:

@@ -21,6 +21,11 @@ def test_presets_follow_diffusionnft():
     evoid = get_config("vace_evoid")
     validate_config(evoid, num_processes=8)
     assert (evoid.algorithm, evoid.evoid.lambda_t2v, evoid.evoid.lambda_self) == ("evoid", 0.01, 0.2)
+    phantom = get_config("phantom_evoid")
+    validate_config(phantom, num_processes=8)
+    assert (phantom.algorithm, phantom.model_type, phantom.evoid.lambda_t2v, phantom.evoid.lambda_self) == (
+        "evoid", "phantom", 0.01, 0.2)
+    assert phantom.pretrained.teacher == ""  # the T2V transformer of pretrained.model (Wan2.1-T2V-1.3B)
 
 
 def test_grpo_only_settings_are_refused_for_nft():

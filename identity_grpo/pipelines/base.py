@@ -11,7 +11,9 @@ subclass, through a few hooks, for what differs:
 - :meth:`RolloutPipeline.encode_conditioning`: the reference conditioning stored in the record;
 - ``_latent_shape``: the shape of the sampled state (with or without reference frames);
 - :meth:`RolloutPipeline.predict_noise`: the guided velocity of the state;
-- ``_decode_rollout``: final state -> uint8 frames.
+- ``_decode_rollout``: final state -> uint8 frames;
+- :meth:`RolloutPipeline.video_frames` and, where the model itself can act as EvoID's text-to-video
+  teacher, :meth:`RolloutPipeline.text_to_video_velocity`.
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ class RolloutPipeline:
     ode_solver = "scheduler"
     # Decoded frames to uint8 by truncation, as upstream (reward_model.mp4_roundtrip), not rounding.
     truncate_frames = False
+    # EvoID's frozen text-to-video teacher (a WanTransformer3DModel), set by
+    # identity_grpo.models.load_teacher; None: the subclass's own teacher, if it has one.
+    teacher = None
 
     def __init__(self, pipe, dtype: torch.dtype | None = None):
         self.pipe = pipe
@@ -317,6 +322,29 @@ class RolloutPipeline:
         half = self.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             return self.predict_noise(*args, **kwargs).float()
+
+    def video_frames(self, num_references: int) -> slice:
+        """Which latent frames of the sampled state are video (not reference) frames."""
+        raise NotImplementedError
+
+    def text_to_video_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                               conditioning: torch.Tensor, num_references: int, transformer=None) -> torch.Tensor:
+        """EvoID's teacher: the velocity ``(B, C, F, h, w)`` float32 of a text-to-video model on the
+        video frames of the state ``latents``, given the prompt alone (no references, no CFG).
+
+        With :attr:`teacher` set, that frozen T2V transformer; a subclass may otherwise compute it
+        with ``transformer`` (VACE: its base with the VACE context off). The caller disables the
+        LoRA when ``transformer`` is the trained model.
+        """
+        if self.teacher is None:
+            raise ValueError(f"{type(self).__name__} has no text-to-video teacher of its own; set "
+                             "config.pretrained.teacher to a Wan2.1-T2V diffusers folder")
+        video = latents[:, :, self.video_frames(num_references)]
+        timestep = timestep.expand(video.shape[0]) if timestep.ndim == 0 else timestep
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+            return self.teacher(hidden_states=video.to(self.dtype), timestep=timestep,
+                                encoder_hidden_states=prompt_embeds, return_dict=False)[0].float()
 
     # ------------------------------------------------------------------ 6. decode
     @torch.no_grad()

@@ -191,6 +191,10 @@ class PhantomRolloutPipeline(RolloutPipeline):
                           + self.text_guidance_scale * (pos_it - pos_i))
         return noise_pred
 
+    def video_frames(self, num_references: int) -> slice:
+        """Phantom's state holds video frames only (the references are appended per call)."""
+        return slice(None)
+
     # ------------------------------------------------------------------ 6. decode
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,21 @@ class VaceRolloutPipeline(RolloutPipeline):
             noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         return noise_pred
 
+    def video_frames(self, num_references: int) -> slice:
+        """The reference slots come first in VACE's state."""
+        return slice(num_references, None)
+
+    def text_to_video_velocity(self, latents, timestep, prompt_embeds, conditioning, num_references,
+                               transformer=None) -> torch.Tensor:
+        """Without a separate :attr:`teacher`: ``transformer`` (the caller disables the LoRA) on the
+        video frames with the VACE context switched off, which is exactly the Wan2.1 T2V
+        transformer on VACE's base weights (tests/test_evoid.py)."""
+        if self.teacher is not None:
+            return super().text_to_video_velocity(latents, timestep, prompt_embeds, conditioning, num_references)
+        video = self.video_frames(num_references)
+        return self.guided_velocity(latents[:, :, video], timestep, prompt_embeds, None, conditioning[:, :, video], 1.0,
+                                    0.0, transformer=transformer)
+
     # ------------------------------------------------------------------ 6. decode
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, num_references: int) -> torch.Tensor:
