@@ -109,6 +109,9 @@ def variants(window_size: int) -> dict[str, object]:
     if "algorithm" in common.preset("vace"):
         out["vace_nft preset"] = common.preset("vace_nft")
         out["vace_evoid preset"] = common.preset("vace_evoid")
+        # CFG-free collection, so Phantom's three guidance branches never run: the same counts.
+        out["phantom_nft preset"] = common.preset("phantom_nft")
+        out["phantom_evoid preset"] = common.preset("phantom_evoid")
     return out
 
 
@@ -144,7 +147,8 @@ def main() -> None:
     script = common.train_script()
     rows = []
     for name, config in configs.items():
-        if config is None or name.startswith("upstream"):
+        # The harness builds VACE models; the Phantom rows are analytic only.
+        if config is None or name.startswith("upstream") or config.model_type == "phantom":
             continue
         common.on_tiny_models(config)
         config.sample.num_image_per_prompt = 4
