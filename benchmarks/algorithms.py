@@ -8,7 +8,8 @@ tiny_world_evoid presets) with evaluation every ``--eval-every`` epochs; the cur
 its tensorboard events. Prints a table (final reward, forward-equivalents and seconds to reach
 GRPO's final reward) and writes ``algorithms.png`` (reward vs forward-equivalents) next to ``--out``.
 
-    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--reward world_identity_soft] [--out benchmarks/results]
+    python benchmarks/algorithms.py [--epochs 30] [--seeds 0 1] [--reward world_identity_soft] [--variants NAME ...]
+                                    [--out benchmarks/results]
     # --full: seeds 0 1 2
 
 The world's models were trained for real but are tiny, and its rewards are its identity check or
@@ -84,8 +85,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--reward", default="world_identity_soft", help="the one reward trained and evaluated")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run (GRPO upstream is always run: it sets the target)")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    chosen = {name: VARIANTS[name] for name in VARIANTS
+              if name in args.variants or name == "GRPO (upstream settings)"}
     if args.full and args.seeds == [0]:
         args.seeds = [0, 1, 2]
     common.setup(args)
@@ -94,7 +99,7 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, (preset, overrides) in VARIANTS.items():
+        for name, (preset, overrides) in chosen.items():
             cost = per_epoch_cost(preset, overrides)
             for seed in args.seeds:
                 curve, seconds = run(name, preset, overrides, seed, args, Path(folder) / f"{len(results)}")
@@ -108,7 +113,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         target = results[("GRPO (upstream settings)", seed)][0][-1][1]
-        for name in VARIANTS:
+        for name in chosen:
             points, seconds, cost = results[(name, seed)]
             reached = next((fe for fe, reward in points if reward >= target), None)
             total = points[-1][0]
