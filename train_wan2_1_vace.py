@@ -39,6 +39,7 @@ from identity_grpo.checkpoint import (
     set_aside_later_checkpoints,
 )
 from identity_grpo.configuration import num_train_steps, validate_config
+from identity_grpo.context_parallel import data_ranks, enable_context_parallel
 from identity_grpo.data import ReferenceVideoDataset
 from identity_grpo.ema import ema_repeats, ema_update
 from identity_grpo.evoid import anchor_losses
@@ -91,7 +92,8 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
                             disable=not accelerator.is_local_main_process):
         step = epoch * config.sample.num_batches_per_epoch + batch_index
         drawn = sampler.batch(step)
-        generator = seeded_generator(config.seed, "train", step, accelerator.process_index)
+        # Seeded by data replica: the ranks of a context-parallel group draw the same noise.
+        generator = seeded_generator(config.seed, "train", step, data_ranks(accelerator, config).rank)
         latents = None
         if config.sample.same_latent or config.sample.fast_branch:
             # One initial noise per group (the group id is global, so ranks agree).
@@ -116,16 +118,18 @@ def sample_epoch(epoch, config, accelerator, pipeline, dataset, sampler, reward_
 def assign_advantages(batches: list[SampledBatch], config, accelerator) -> dict[str, float]:
     """Gather every rank's rewards and group ids, normalise within groups (combining rewards as
     ``config.reward_combination`` says), keep this rank's share. Returns reward metrics."""
-    group_ids = accelerator.gather(torch.cat([b.rollouts.group_ids for b in batches]).to(accelerator.device)).cpu()
-    rewards = {
-        key: accelerator.gather(torch.cat([b.rewards[key] for b in batches]).to(accelerator.device)).cpu()
-        for key in batches[0].rewards
-    }
+    ranks = data_ranks(accelerator, config)
+
+    def gather(local: torch.Tensor) -> torch.Tensor:  # each data replica's samples once
+        return ranks.own_share(accelerator.gather(local.to(accelerator.device)).cpu(), accelerator.num_processes)
+
+    group_ids = gather(torch.cat([b.rollouts.group_ids for b in batches]))
+    rewards = {key: gather(torch.cat([b.rewards[key] for b in batches])) for key in batches[0].rewards}
     result = epoch_advantages(rewards, group_ids, config, global_std=config.sample.global_std,
                               clip_max=config.train.adv_clip_max)
     advantages = result.advantages * config.train.advantage_sign
-    mine = advantages.view(accelerator.num_processes, -1)[accelerator.process_index]
-    constant = zero_std_mask(rewards["total"], group_ids).view(accelerator.num_processes, -1)[accelerator.process_index]
+    mine = ranks.mine(advantages)
+    constant = ranks.mine(zero_std_mask(rewards["total"], group_ids))
     sizes = [b.rollouts.batch_size for b in batches]
     for batch, chunk, is_constant in zip(batches, mine.split(sizes), constant.split(sizes)):
         batch.advantages = chunk.to(accelerator.device)
@@ -227,7 +231,8 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
     rollout is re-scored under the current LoRA; NFT: every clean sample is re-noised at
     ``num_train_steps`` timesteps. Each is one backward pass."""
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    generator = seeded_generator(config.seed, "shuffle", epoch, accelerator.process_index)
+    ranks = data_ranks(accelerator, config)
+    generator = seeded_generator(config.seed, "shuffle", epoch, ranks.rank)
     loss_fn = step_loss if config.algorithm == "grpo" else nft_step_loss
     # The sampling schedule's timesteps, once per epoch (NFT's default timestep draws).
     sampler_timesteps = (pipeline.schedule(config.sample.num_steps)[0]
@@ -243,7 +248,9 @@ def train_epoch(epoch, global_step, config, accelerator, pipeline, transformer, 
                 with accelerator.accumulate(transformer), accelerator.autocast():
                     loss, step_stats = loss_fn(config, accelerator, pipeline, transformer, rollouts, advantages,
                                                *unit_args(unit))
-                    accelerator.backward(loss * loss_scale)
+                    # A context-parallel rank's gradient is its tokens' share; DDP averages the
+                    # shares, so scaling by the degree gives their sum, the whole gradient.
+                    accelerator.backward(loss * (loss_scale * ranks.degree))
                     if accelerator.sync_gradients:
                         step_stats["grad_norm"] = full_tensor(torch.as_tensor(
                             accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm))).detach()
@@ -325,6 +332,8 @@ def train(config) -> dict:
     pipeline = load_rollout_pipeline(config, accelerator.device, dtype)
     if config.train.cache_prompt_embeds:  # every prompt encoded now; the text encoder leaves the accelerator
         pipeline.cache_prompt_embeds(run_prompts(config, train_set, test_set), config.sample.max_sequence_length)
+    if config.context_parallel_degree > 1:  # before peft and DDP wrap it: the hooks sit on diffusers' modules
+        enable_context_parallel(pipeline.transformer, config.context_parallel_degree)
     transformer = add_lora(pipeline.transformer, config)
     forward_process = config.algorithm != "grpo"
     if forward_process:
@@ -357,10 +366,10 @@ def train(config) -> dict:
         if accelerator.is_main_process:
             set_aside_later_checkpoints(resume)  # else "resume from the run folder" would pick them
 
+    ranks = data_ranks(accelerator, config)
     sampler = KRepeatSampler(
         train_set.reference_counts, batch_size=config.sample.train_batch_size,
-        group_size=config.sample.num_image_per_prompt, num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index, seed=config.seed,
+        group_size=config.sample.num_image_per_prompt, num_replicas=ranks.size, rank=ranks.rank, seed=config.seed,
     )
     reward_fn = build_reward_fn(config, accelerator.device)
     if config.reward_model.offload:  # on the accelerator only while sampling and evaluating
@@ -368,12 +377,13 @@ def train(config) -> dict:
     on_device = dict(reward_fn=reward_fn, device=accelerator.device, offload=config.reward_model.offload)
     executor = ThreadPoolExecutor(max_workers=1)
 
-    videos_per_epoch = config.sample.train_batch_size * accelerator.num_processes * config.sample.num_batches_per_epoch
+    videos_per_epoch = config.sample.train_batch_size * ranks.size * config.sample.num_batches_per_epoch
     logger.info(
-        "***** %s *****\n  processes = %d\n  videos per sampling batch (all ranks) = %d\n  groups per epoch = %d "
+        "***** %s *****\n  processes = %d (context-parallel degree %d)\n  videos per sampling batch (all ranks) = %d"
+        "\n  groups per epoch = %d "
         "(K = %d)\n  videos per epoch = %d\n  trained steps per video = %d of %d\n  optimizer steps per epoch = %d"
         "\n  train rows = %d, test rows = %d",
-        config.algorithm.upper(), accelerator.num_processes, config.sample.train_batch_size * accelerator.num_processes,
+        config.algorithm.upper(), accelerator.num_processes, ranks.degree, config.sample.train_batch_size * ranks.size,
         videos_per_epoch // config.sample.num_image_per_prompt, config.sample.num_image_per_prompt,
         videos_per_epoch, train_steps, config.sample.num_steps,
         config.sample.num_batches_per_epoch // config.train.gradient_accumulation_steps * config.train.num_inner_epochs,

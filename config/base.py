@@ -61,6 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
     # diffusers attention backend of the transformer ("flash", "native", "_native_cudnn", ...).
     # Empty: "flash" when flash-attn is importable on CUDA, else "native" (PyTorch SDPA).
     config.attention_backend = ""
+    # Context parallelism (diffusers' Ulysses attention, identity_grpo/context_parallel.py): this
+    # many ranks run ONE batch together, each holding 1/degree of the video tokens (activations
+    # shrink by the degree: long videos). 1: off. For now it must equal the number of processes
+    # (one context-parallel group; data x context parallelism needs a 2-D mesh) and divide the
+    # transformer's attention heads (1.3B: 12, 14B: 40); not with FSDP2.
+    config.context_parallel_degree = 1
     # Which base model family: "vace" (Wan2.1-VACE, diffusers) or "phantom" (Phantom-Wan).
     config.model_type = "vace"
 

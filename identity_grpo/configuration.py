@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from identity_grpo.nft import OLD_POLICY_DECAY_TYPES
@@ -76,9 +77,23 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
     """
     errors = []
     sample, train = config.sample, config.train
-    if training and (sample.train_batch_size * num_processes) % sample.num_image_per_prompt:
+    degree = config.get("context_parallel_degree", 1)
+    if degree != 1:
+        if not (isinstance(degree, int) and degree >= 2):
+            errors.append(f"context_parallel_degree ({degree!r}) must be 1 (off) or an integer >= 2")
+        elif degree != num_processes:
+            errors.append(f"context_parallel_degree ({degree}) must equal the number of processes ({num_processes}): "
+                          "data x context parallelism (a 2-D mesh) is not built yet; launch that many processes "
+                          "or set it to 1")
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            errors.append("context_parallel_degree > 1 is not supported with FSDP2 yet; use the DDP "
+                          "configuration (scripts/accelerate_configs/multi_gpu.yaml) or set it to 1")
+    # Data replicas: a context-parallel group runs one batch.
+    replicas = num_processes // degree if isinstance(degree, int) and degree >= 1 and not num_processes % degree \
+        else num_processes
+    if training and (sample.train_batch_size * replicas) % sample.num_image_per_prompt:
         errors.append(
-            f"sample.train_batch_size ({sample.train_batch_size}) x processes ({num_processes}) must be divisible "
+            f"sample.train_batch_size ({sample.train_batch_size}) x data replicas ({replicas}) must be divisible "
             f"by sample.num_image_per_prompt ({sample.num_image_per_prompt})"
         )
     if sample.num_image_per_prompt < 2:

@@ -16,8 +16,44 @@ gradient (DDP averages instead: scale the loss by the degree when the group shar
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class DataRanks:
+    """The data-parallel view of the processes when ``degree`` consecutive ranks form one
+    context-parallel group: the group runs ONE batch together, so it is one data replica.
+
+    Attributes:
+        rank: this process's replica (``process_index // degree``): what data, noise and
+            shuffles are seeded with, so a group's ranks agree on every sample.
+        size: number of replicas (``num_processes // degree``).
+        degree: ranks per context-parallel group (1: plain data parallelism).
+        writes: whether this process writes per-replica files (the group's first rank).
+    """
+
+    rank: int
+    size: int
+    degree: int
+    writes: bool
+
+    def own_share(self, gathered: torch.Tensor, num_processes: int) -> torch.Tensor:
+        """Of a tensor gathered from every process (``num_processes`` equal chunks), each
+        replica's chunk once: the first rank's of every context-parallel group."""
+        return gathered.view(num_processes, -1, *gathered.shape[1:])[::self.degree].flatten(0, 1)
+
+    def mine(self, per_replica: torch.Tensor) -> torch.Tensor:
+        """This replica's chunk of a tensor holding every replica's in order."""
+        return per_replica.view(self.size, -1, *per_replica.shape[1:])[self.rank]
+
+
+def data_ranks(accelerator, config) -> DataRanks:
+    """:class:`DataRanks` of ``accelerator``'s process under ``config.context_parallel_degree``."""
+    degree = max(int(config.get("context_parallel_degree", 1)), 1)
+    return DataRanks(rank=accelerator.process_index // degree, size=accelerator.num_processes // degree,
+                     degree=degree, writes=accelerator.process_index % degree == 0)
 
 
 def vace_cp_plan() -> dict:

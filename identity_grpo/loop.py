@@ -118,21 +118,26 @@ def evaluate(
     training SDE with fixed noise when ``sample.eval_sde`` is set.
 
     Returns ``(means, rows)``: the mean of every reward key over the test set (identical on all
-    ranks) and, on every rank, its own rows ``{"index", "prompt", <reward keys>, "frames"}``.
+    ranks) and, on every rank, its own rows ``{"index", "prompt", <reward keys>, "frames"}`` (rows
+    are sharded by data replica: the ranks of a context-parallel group generate the same rows
+    together, and only the group's first rank returns them, so each is written once).
     """
     from tqdm.auto import tqdm
 
+    from identity_grpo.context_parallel import data_ranks
+
+    ranks = data_ranks(accelerator, config)
     # Pad so that every rank runs the same number of batches (collectives must match); padded
     # rows are generated but dropped from the metrics.
-    per_rank = -(-len(dataset) // accelerator.num_processes)
+    per_rank = -(-len(dataset) // ranks.size)
 
     def padded_rows(rank: int) -> list[int]:
-        rows_of_rank = shard_in_order(len(dataset), num_replicas=accelerator.num_processes, rank=rank)
+        rows_of_rank = shard_in_order(len(dataset), num_replicas=ranks.size, rank=rank)
         return rows_of_rank + [rows_of_rank[-1] if rows_of_rank else 0] * (per_rank - len(rows_of_rank))
 
-    mine = shard_in_order(len(dataset), num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    rows_by_rank = [padded_rows(rank) for rank in range(accelerator.num_processes)]
-    padded = rows_by_rank[accelerator.process_index]
+    mine = shard_in_order(len(dataset), num_replicas=ranks.size, rank=ranks.rank)
+    rows_by_rank = [padded_rows(rank) for rank in range(ranks.size)]
+    padded = rows_by_rank[ranks.rank]
     keep = [True] * len(mine) + [False] * (per_rank - len(mine))
 
     def reference_count(index: int) -> int:
@@ -162,13 +167,14 @@ def evaluate(
                                      generator=seeded_generator(config.seed, "eval", *indices))
             scores, _ = reward_fn(inputs)
             for position, index in enumerate(indices):
-                if kept[position]:
+                if kept[position] and ranks.writes:
                     rows.append({"index": index, "prompt": dataset[index].prompt, "frames": inputs.frames[position],
                                  **{k: float(v[position]) for k, v in scores.items()}})
             for key, value in scores.items():
                 totals[key].append(torch.stack([value, kept], dim=1))
     means = {}
     for key in sorted(totals):
+        # A context-parallel group's ranks hold the same rows: the duplicates cancel in the ratio.
         local = torch.cat(totals[key]).to(accelerator.device)
         summed = accelerator.reduce((local[:, 0] * local[:, 1]).sum(), "sum")
         count = accelerator.reduce(local[:, 1].sum(), "sum")
