@@ -5,14 +5,16 @@ training run of the real entry point whose loss falls."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from identity_grpo.world.identity import identity_score
 from identity_grpo.world.preferences import (
+    DRAWN_KINDS,
+    GENERATED_KINDS,
     HELD_OUT_IDENTITIES,
-    KINDS,
     SWAP_KINDS,
     TIE_KINDS,
     distort_face,
@@ -100,8 +102,8 @@ def test_swapped_video_shows_another_identity(kind):
 
 def test_pairs_cycle_kinds_and_ties_are_labelled_tie():
     _, everyone = split_identities()
-    pairs = world_pairs(2 * len(KINDS), seed=7, identities=everyone)
-    assert [pair.kind for pair in pairs] == list(KINDS) * 2
+    pairs = world_pairs(2 * len(DRAWN_KINDS), seed=7, identities=everyone)
+    assert [pair.kind for pair in pairs] == list(DRAWN_KINDS) * 2
     for pair in pairs:
         assert (pair.label == "tie") == (pair.kind in TIE_KINDS)
         if pair.kind == "tie_same_people":
@@ -112,7 +114,7 @@ def test_pairs_cycle_kinds_and_ties_are_labelled_tie():
     # Which side holds the preferred video is a coin flip, not always A.
     assert {pair.label for pair in pairs if pair.kind not in TIE_KINDS} == {"A", "B"}
     # Seeded: the same seed draws the same pairs.
-    again = world_pairs(len(KINDS), seed=7, identities=everyone)
+    again = world_pairs(len(DRAWN_KINDS), seed=7, identities=everyone)
     for first, second in zip(pairs, again):
         assert first.label == second.label and np.array_equal(first.video_b, second.video_b)
 
@@ -120,10 +122,10 @@ def test_pairs_cycle_kinds_and_ties_are_labelled_tie():
 def test_written_set_reads_back_and_holds_identities_out(tmp_path):
     from vace_reward.data import read_preference_csv, read_video
 
-    paths = write_preference_set(tmp_path / "pairs", num_train=2 * len(KINDS), num_eval=len(KINDS), seed=1)
+    paths = write_preference_set(tmp_path / "pairs", num_train=2 * len(DRAWN_KINDS), num_eval=len(DRAWN_KINDS), seed=1)
     train, held_out = read_preference_csv(paths.train_csv), read_preference_csv(paths.eval_csv)
-    assert len(train) == 2 * len(KINDS) and len(held_out) == len(KINDS)
-    assert read_kinds(paths.train_csv) == list(KINDS) * 2
+    assert len(train) == 2 * len(DRAWN_KINDS) and len(held_out) == len(DRAWN_KINDS)
+    assert read_kinds(paths.train_csv) == list(DRAWN_KINDS) * 2
     for pair in train:
         assert not {ref.stem for ref in pair.reference_paths} & set(HELD_OUT_IDENTITIES)
         assert all(ref.stem in IDENTITY_BY_NAME and ref.suffix == ".png" for ref in pair.reference_paths)
@@ -147,6 +149,50 @@ def test_unknown_kind_names_file_row_and_field(tmp_path):
                     "r.png,p,a.mp4,b.mp4,A,swap_eyes\n")
     with pytest.raises(PreferenceDataError, match=r"pairs.csv, row 3, field 'kind'"):
         read_kinds(path)
+
+
+# ---------------------------------------------------------------------- the generator's own pairs
+WORLD_GENERATOR = Path(__file__).resolve().parents[1] / "dataset" / "tiny_world" / "models" / "wan_vace"
+
+
+def test_generated_pairs_are_labelled_by_the_identity_check():
+    """Pairs of the committed generator's SDE samples: the preferred video is the one the soft
+    identity check scores higher against the references, by at least the margin; in swap pairs
+    that is mostly the video generated from the true references (the generator follows them);
+    the same seed gives the same pairs."""
+    from identity_grpo.rewards.world import SOFT_TEMPERATURE
+    from identity_grpo.world.generated_pairs import generated_pairs, load_world_pipeline
+
+    pipeline = load_world_pipeline(WORLD_GENERATOR)
+    pairs = generated_pairs(pipeline, 64, seed=3, margin=0.05)
+    assert len(pairs) > 40 and {pair.kind for pair in pairs} == set(GENERATED_KINDS)
+    for pair in pairs:
+        score_a, score_b = (identity_score(video, list(pair.references), SOFT_TEMPERATURE)
+                            for video in (pair.video_a, pair.video_b))
+        assert abs(score_a - score_b) >= 0.05 and pair.label == ("A" if score_a > score_b else "B")
+        if pair.kind == "generated_same":
+            assert pair.shown_a == pair.shown_b == pair.references
+    swaps = [pair for pair in pairs if pair.kind == "generated_swap"]
+    true_side_preferred = [(pair.shown_a if pair.label == "A" else pair.shown_b) == pair.references for pair in swaps]
+    assert np.mean(true_side_preferred) > 0.75, np.mean(true_side_preferred)
+    small = generated_pairs(pipeline, 8, seed=5, batch_size=4)
+    again = generated_pairs(pipeline, 8, seed=5, batch_size=4)
+    assert [(p.kind, p.label, p.prompt) for p in small] == [(p.kind, p.label, p.prompt) for p in again]
+    assert all(np.array_equal(p.video_a, q.video_a) for p, q in zip(small, again))
+
+
+def test_generated_pairs_join_the_drawn_ones_in_the_trainers_format(tmp_path):
+    from identity_grpo.world.reward import WorldRewardSettings, add_generated_pairs, concatenate_csvs
+    from vace_reward.data import read_preference_csv
+
+    settings = WorldRewardSettings(num_generated_train_scenes=6, num_generated_eval_scenes=4)
+    paths = write_preference_set(tmp_path, num_train=7, num_eval=7, seed=1)
+    generated_train, _ = add_generated_pairs(tmp_path, WORLD_GENERATOR, settings)
+    joined = concatenate_csvs(tmp_path / "all.csv", paths.train_csv, generated_train)
+    kinds = read_kinds(joined)
+    assert kinds[:7] == list(DRAWN_KINDS) and set(kinds[7:]) <= set(GENERATED_KINDS) and len(kinds) > 7
+    pairs = read_preference_csv(joined)  # the reward trainer's own reader resolves every path
+    assert len(pairs) == len(kinds) and all(pair.video_a.is_file() and pair.video_b.is_file() for pair in pairs[7:])
 
 
 # ---------------------------------------------------------------------- training

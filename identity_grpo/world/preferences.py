@@ -6,7 +6,7 @@ format of :mod:`vace_reward.data` plus a ``kind`` column (which the reader ignor
     ref_paths,prompt,video_a,video_b,label,kind
     refs/pale_blond_long.png,a woman walks to the left by the sea,videos/train_0007_a.mp4,videos/train_0007_b.mp4,B,swap_hair
 
-Kinds (the preferred video always shows the references' people, undistorted):
+Drawn kinds (the preferred video always shows the references' people, undistorted):
 
 ============================  =================================================================
 ``swap_skin``                 one person replaced by the identity of the same hair style that
@@ -18,6 +18,9 @@ Kinds (the preferred video always shows the references' people, undistorted):
 ``tie_both_swapped``          label ``tie``: both wrong, the same person replaced by two other
                               identities, each differing in skin and hair colour
 ============================  =================================================================
+
+``generated_same`` and ``generated_swap`` pairs compare the generator's own samples instead
+(:mod:`identity_grpo.world.generated_pairs`).
 
 Swaps keep the hair style, so the prompt (which names gender, never colour) fits both videos:
 only the references tell which is right. Which of A and B holds the preferred video is a coin
@@ -57,8 +60,11 @@ from vace_reward.data import PAIR_COLUMNS, write_video
 SWAP_KINDS = ("swap_skin", "swap_hair", "swap_both")
 DISTORTION_KINDS = ("hue", "blur")
 TIE_KINDS = ("tie_same_people", "tie_both_swapped")
-# One pair of each kind per cycle of seven scenes: 3/7 swaps, 2/7 distortions, 2/7 ties.
-KINDS = SWAP_KINDS + DISTORTION_KINDS + TIE_KINDS
+# One pair of each drawn kind per cycle of seven scenes: 3/7 swaps, 2/7 distortions, 2/7 ties.
+DRAWN_KINDS = SWAP_KINDS + DISTORTION_KINDS + TIE_KINDS
+# Pairs of the generator's own samples (identity_grpo.world.generated_pairs).
+GENERATED_KINDS = ("generated_same", "generated_swap")
+KINDS = DRAWN_KINDS + GENERATED_KINDS
 HELD_OUT_IDENTITIES = ("pale_black_long", "tan_blond_short", "dark_red_long", "tan_white_short")
 # The reward model reads 10 fps for in-memory frames; files at the same rate get the same
 # temporal positions.
@@ -177,8 +183,8 @@ def distort_face(video: np.ndarray, scene: Scene, slot: int, kind: str, turns: f
 def make_pair(kind: str, scene: Scene, rng: np.random.Generator, identities, size: int, num_frames: int) -> WorldPair:
     """A pair of ``kind`` built on ``scene`` (its people are the references); swap-ins are drawn
     from ``identities`` and never repeat a person already in the scene."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown pair kind {kind!r}; use one of {KINDS}")
+    if kind not in DRAWN_KINDS:
+        raise ValueError(f"unknown drawn pair kind {kind!r}; use one of {DRAWN_KINDS}")
     people = scene.people
     slot = int(rng.integers(len(people)))
     person = people[slot]
@@ -220,7 +226,7 @@ def split_identities(held_out: tuple[str, ...] = HELD_OUT_IDENTITIES) -> tuple[l
 
 
 def world_pairs(num_pairs: int, seed: int, identities, size: int = 32, num_frames: int = 5,
-                kinds: tuple[str, ...] = KINDS) -> list[WorldPair]:
+                kinds: tuple[str, ...] = DRAWN_KINDS) -> list[WorldPair]:
     """``num_pairs`` pairs cycling through ``kinds``, each on its own random scene over ``identities``
     (a scene whose chosen person has no swap-in of the kind left among ``identities`` is redrawn)."""
     rng = np.random.default_rng(seed)

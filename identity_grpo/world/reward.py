@@ -8,7 +8,7 @@ reward model (:func:`vace_reward.testing.build_tiny_reward_model` with the sizes
 model, in the standard layout, at ``out_dir`` (what ``config.pretrained.reward_model`` takes),
 with ``world_reward.json`` beside its weights: the settings and the held-out accuracies.
 
-Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0]``.
+Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0] [--generator WAN_VACE_DIR]``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ import torch
 
 from identity_grpo.world.preferences import (
     DISTORTION_KINDS,
+    GENERATED_KINDS,
     KINDS,
     SWAP_KINDS,
     TIE_KINDS,
     read_kinds,
+    split_identities,
+    write_pairs,
     write_preference_set,
 )
 
@@ -63,11 +66,17 @@ class WorldRewardSettings:
     """
 
     seed: int = 0
-    # Preference pairs (see identity_grpo.world.preferences): training and held-out.
-    num_train_pairs: int = 2800
+    # Drawn preference pairs (see identity_grpo.world.preferences): training and held-out.
+    num_train_pairs: int = 2000
     num_eval_pairs: int = 210
+    # Scenes of pairs between the generator's own samples (identity_grpo.world.generated_pairs;
+    # about 1.3 pairs a scene): training (training identities) and held-out (all 24 people). 0: none.
+    num_generated_train_scenes: int = 1600
+    num_generated_eval_scenes: int = 320
+    # Pairs whose identity-check scores differ by less than this are dropped.
+    generated_margin: float = 0.05
     # Kinds trained on. The "bt" loss gives tied pairs zero loss, so they only cost time.
-    train_kinds: tuple[str, ...] = SWAP_KINDS + DISTORTION_KINDS
+    train_kinds: tuple[str, ...] = SWAP_KINDS + DISTORTION_KINDS + GENERATED_KINDS
     # Every reference and frame is resized to this many pixels. 112 x 112: 4 x 4 merged tokens
     # (28 px each), so a 32-px frame's face (8 px) spans about one token; at 56 x 56 a whole frame
     # was 2 x 2 tokens.
@@ -113,6 +122,33 @@ def select_kinds(pairs_csv: Path, kinds: tuple[str, ...], out_csv: Path) -> Path
         writer.writerow(header)
         writer.writerows(row for row in rows if row[kind_column] in kinds)
     return out_csv
+
+
+def concatenate_csvs(out_csv: Path, *csvs: Path) -> Path:
+    """Write the rows of ``csvs`` (same header, same folder) one after another to ``out_csv``."""
+    rows = []
+    for index, path in enumerate(csvs):
+        with open(path, newline="", encoding="utf-8") as handle:
+            header, *body = list(csv.reader(handle))
+        rows += ([header] if index == 0 else []) + body
+    with open(out_csv, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    return out_csv
+
+
+def add_generated_pairs(root: Path, generator_dir: str | Path, settings: WorldRewardSettings) -> tuple[Path, Path]:
+    """Write the generator's own pairs (training identities for training, all people held out)
+    to ``root`` as ``gen_train.csv`` / ``gen_eval.csv``; their streams are seeded ``2 seed + 11``
+    and ``2 seed + 12``, apart from the drawn pairs' ``2 seed`` and ``2 seed + 1``."""
+    from identity_grpo.world.generated_pairs import generated_pairs, load_world_pipeline
+
+    pipeline = load_world_pipeline(generator_dir)
+    train_identities, all_identities = split_identities()
+    train = generated_pairs(pipeline, settings.num_generated_train_scenes, 2 * settings.seed + 11, train_identities,
+                            margin=settings.generated_margin)
+    held_out = generated_pairs(pipeline, settings.num_generated_eval_scenes, 2 * settings.seed + 12, all_identities,
+                               margin=settings.generated_margin)
+    return write_pairs(root, "gen_train", train), write_pairs(root, "gen_eval", held_out)
 
 
 def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
@@ -178,7 +214,8 @@ def evaluate_world_reward(model_dir: str | Path, pairs_csv: str | Path, tie_thet
 
     everything = torch.ones(len(pairs), dtype=torch.bool)
     results = measure(everything)
-    groups = {kind: (kind,) for kind in KINDS} | {"swap": SWAP_KINDS, "distortion": DISTORTION_KINDS, "tie": TIE_KINDS}
+    groups = {kind: (kind,) for kind in KINDS} | {"swap": SWAP_KINDS, "distortion": DISTORTION_KINDS, "tie": TIE_KINDS,
+                                                  "generated": GENERATED_KINDS}
     for group, members in groups.items():
         mask = torch.tensor([kind in members for kind in kinds])
         if bool(mask.any()):
@@ -189,8 +226,10 @@ def evaluate_world_reward(model_dir: str | Path, pairs_csv: str | Path, tie_thet
 
 
 def build_world_reward_model(out_dir: str | os.PathLike, seed: int = 0,
-                             settings: WorldRewardSettings | None = None) -> dict:
-    """Write the world's preference pairs, train the reward model on them with
+                             settings: WorldRewardSettings | None = None,
+                             generator_dir: str | os.PathLike | None = None) -> dict:
+    """Write the world's preference pairs (drawn, and with ``generator_dir`` the world generator's
+    own, see :func:`add_generated_pairs`), train the reward model on them with
     ``vace_reward.train_reward`` and put the final model (standard layout) at ``out_dir``.
 
     ``out_dir`` is replaced only once the new model is complete. Returns the summary also saved
@@ -206,14 +245,19 @@ def build_world_reward_model(out_dir: str | os.PathLike, seed: int = 0,
     with tempfile.TemporaryDirectory(prefix="world_reward_") as scratch:
         scratch = Path(scratch)
         data = write_preference_set(scratch / "pairs", settings.num_train_pairs, settings.num_eval_pairs, settings.seed)
+        train_csv = select_kinds(data.train_csv, settings.train_kinds, data.root / "train_selected.csv")
+        eval_csv = data.eval_csv
+        if generator_dir is not None and settings.num_generated_train_scenes > 0:
+            generated_train, generated_eval = add_generated_pairs(data.root, generator_dir, settings)
+            generated_train = select_kinds(generated_train, settings.train_kinds, data.root / "gen_train_selected.csv")
+            train_csv = concatenate_csvs(data.root / "train_all.csv", train_csv, generated_train)
+            eval_csv = concatenate_csvs(data.root / "eval_all.csv", eval_csv, generated_eval)
         data_seconds = time.time() - start
-        logger.info("wrote %d + %d preference pairs (%.0f s)", settings.num_train_pairs, settings.num_eval_pairs,
-                    data_seconds)
+        logger.info("wrote the preference pairs (%.0f s)", data_seconds)
         init = init_reward_model(scratch / "init", settings)
         run = scratch / "run"
-        train_csv = select_kinds(data.train_csv, settings.train_kinds, data.root / "train_selected.csv")
-        train_metrics = train(parse_args(train_arguments(settings, train_csv, data.eval_csv, init, run)))
-        held_out = evaluate_world_reward(run / "final", data.eval_csv, settings.eval_theta)
+        train_metrics = train(parse_args(train_arguments(settings, train_csv, eval_csv, init, run)))
+        held_out = evaluate_world_reward(run / "final", eval_csv, settings.eval_theta)
         summary = {
             "settings": dataclasses.asdict(settings),
             "train_eval": train_metrics,
@@ -241,9 +285,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the trained reward model to")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generator", default=None,
+                        help="the world generator folder (e.g. dataset/tiny_world/models/wan_vace): also train on "
+                             "pairs of its own samples; without it, drawn pairs only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = build_world_reward_model(args.out_dir, seed=args.seed)
+    summary = build_world_reward_model(args.out_dir, seed=args.seed, generator_dir=args.generator)
     print(json.dumps(summary["held_out"], indent=2))
 
 
