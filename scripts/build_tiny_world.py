@@ -35,8 +35,7 @@ def main() -> None:
     if not (args.no_reward or args.quick):
         from identity_grpo.world.reward import build_world_reward_model
 
-        build_world_reward_model(out / "models" / "identity_reward", seed=args.seed,
-                                 generator_dir=out / "models" / "wan_vace")
+        build_world_reward_model(out / "models" / "identity_reward", seed=args.seed)
     logging.info("tiny world written to %s in %.0f s", out, time.time() - start)
 
 

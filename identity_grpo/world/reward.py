@@ -67,10 +67,11 @@ class WorldRewardSettings:
 
     seed: int = 0
     # Drawn preference pairs (see identity_grpo.world.preferences): training and held-out.
-    num_train_pairs: int = 2000
+    num_train_pairs: int = 2800
     num_eval_pairs: int = 210
     # Scenes of pairs between the generator's own samples (identity_grpo.world.generated_pairs;
-    # about 1.3 pairs a scene): training (training identities) and held-out (all 24 people). 0: none.
+    # about 1.3 pairs a scene), used when a generator folder is given: training (training
+    # identities) and held-out (all 24 people). 0: none.
     num_generated_train_scenes: int = 1600
     num_generated_eval_scenes: int = 320
     # Pairs whose identity-check scores differ by less than this are dropped.

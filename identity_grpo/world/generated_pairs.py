@@ -1,0 +1,108 @@
+"""Preference pairs between the world generator's own samples, labelled by the world's identity check.
+
+The drawn pairs of :mod:`identity_grpo.world.preferences` show the reward model clean drawings;
+GRPO then asks it to score the generator's samples, which look different (soft edges, half-right
+hair), and a model trained on drawings alone was exploited there (docs/tiny_world.md). The paper's
+reward model learned from people comparing *generated* videos; here the generator's samples are
+compared by the world's soft identity check (:func:`identity_grpo.world.identity.identity_score`),
+the world's stand-in for those annotators.
+
+Per scene, three samples of the training SDE (the rollouts' sampler and noise level):
+
+- two from the scene's references: a ``generated_same`` pair (which of two tries is closer);
+- one from references with one person replaced by another identity of the same hair style (so
+  the prompt still fits), scored against the TRUE references: a ``generated_swap`` pair against
+  the first sample.
+
+A pair whose two scores differ by less than ``margin`` is dropped (the check cannot tell them
+apart); otherwise the higher-scoring video is preferred. Scenes hold one person in even batches
+and two in odd ones (one reference count per sampler call).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from identity_grpo.rewards.world import SOFT_TEMPERATURE
+from identity_grpo.world.identity import identity_score
+from identity_grpo.world.render import IDENTITIES, Identity, Scene, render_reference, sample_scene
+
+logger = logging.getLogger(__name__)
+
+# The training rollouts' sampler (the tiny_world preset): 8 steps, guidance 1, SDE noise level 0.7.
+NUM_STEPS = 8
+NOISE_LEVEL = 0.7
+
+
+def load_world_pipeline(model_dir: str | Path):
+    """The VACE rollout pipeline of a world generator folder (float32, CPU)."""
+    from diffusers import WanVACEPipeline
+
+    from identity_grpo.pipelines.vace import VaceRolloutPipeline
+
+    pipe = WanVACEPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return VaceRolloutPipeline(pipe)
+
+
+def _scenes(rng: np.random.Generator, identities, count: int, num_people: int, num_frames: int) -> list[Scene]:
+    scenes = []
+    while len(scenes) < count:
+        scene = sample_scene(rng, identities, num_frames)
+        if len(scene.people) == num_people:
+            scenes.append(scene)
+    return scenes
+
+
+def _swapped(scene: Scene, rng: np.random.Generator, identities) -> Scene:
+    """``scene`` with one person replaced by another identity of the same hair style."""
+    from identity_grpo.world.preferences import with_person
+
+    slot = int(rng.integers(len(scene.people)))
+    candidates = [other for other in identities if other.style == scene.people[slot].style and other not in scene.people]
+    return with_person(scene, slot, candidates[int(rng.integers(len(candidates)))])
+
+
+def generated_pairs(pipeline, num_scenes: int, seed: int, identities=IDENTITIES, *, margin: float = 0.05,
+                    batch_size: int = 32, size: int = 32, num_frames: int = 5) -> list:
+    """``WorldPair``s from ``num_scenes`` scenes over ``identities`` (see the module docstring);
+    deterministic in ``seed``. Returns the pairs in scene order."""
+    from identity_grpo.pipelines.vace import SDEConfig
+    from identity_grpo.world.preferences import WorldPair
+
+    rng = np.random.default_rng(seed)
+    references = {identity.name: render_reference(identity) for identity in IDENTITIES}
+
+    def sample(scenes: list[Scene], noise_seed: int) -> np.ndarray:
+        _, videos = pipeline([scene.prompt for scene in scenes],
+                             [[references[person.name] for person in scene.people] for scene in scenes],
+                             height=size, width=size, num_frames=num_frames, num_inference_steps=NUM_STEPS,
+                             guidance_scale=1.0, max_sequence_length=16, sde=SDEConfig(noise_level=NOISE_LEVEL),
+                             generator=torch.Generator().manual_seed(noise_seed))
+        return videos.numpy()
+
+    pairs = []
+    for batch_index, start in enumerate(range(0, num_scenes, batch_size)):
+        scenes = _scenes(rng, identities, min(batch_size, num_scenes - start), 1 + batch_index % 2, num_frames)
+        swapped = [_swapped(scene, rng, identities) for scene in scenes]
+        noise_seed = seed * 1000 + start
+        first, second, other = sample(scenes, noise_seed), sample(scenes, noise_seed + 1), sample(swapped, noise_seed + 2)
+        for scene, wrong, video_1, video_2, video_3 in zip(scenes, swapped, first, second, other):
+            people: list[Identity] = list(scene.people)
+            score_1, score_2, score_3 = (identity_score(video, people, SOFT_TEMPERATURE) for video in (video_1, video_2, video_3))
+            mine = (video_1, score_1, scene.people)
+            for kind, rival in (("generated_same", (video_2, score_2, scene.people)),
+                                ("generated_swap", (video_3, score_3, wrong.people))):
+                if abs(score_1 - rival[1]) < margin:
+                    continue
+                # shown_a / shown_b: the references each video was generated from.
+                (video_a, score_a, shown_a), (video_b, score_b, shown_b) = (mine, rival) if rng.random() < 0.5 \
+                    else (rival, mine)
+                pairs.append(WorldPair(kind, scene.people, scene.prompt, video_a, video_b,
+                                       "A" if score_a > score_b else "B", shown_a, shown_b))
+        logger.info("generated pairs: %d scenes, %d pairs", start + len(scenes), len(pairs))
+    return pairs
