@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo), launched with the shipped accelerate configs: groups span ranks and
-are normalised together; ranks stay in sync, with GRPO and with DiffusionNFT (whose old adapter is
-switched in and out around DDP). Under FSDP2 (scripts/accelerate_configs/fsdp2.yaml) the same runs
+are normalised together; ranks stay in sync, with GRPO, DiffusionNFT (whose old adapter is
+switched in and out around DDP) and EvoID. Under FSDP2 (scripts/accelerate_configs/fsdp2.yaml) the same runs
 give the same LoRA, EMA and optimizer state as under DDP, and resume exactly.
 
 accelerate runs CPU ranks as MULTI_CPU and ignores FSDP there, so the FSDP2 runs here are sharded
@@ -52,7 +52,7 @@ def ddp_runs(tmp_path_factory, tiny_vace_dir):
     tmp = tmp_path_factory.mktemp("ddp")
     return {preset: launch(CONFIGS / "multi_gpu.yaml", preset, tmp / preset, port,
                            f"--config.pretrained.model={tiny_vace_dir}")
-            for preset, port in (("tiny", 29517), ("tiny_nft", 29518))}
+            for preset, port in (("tiny", 29517), ("tiny_nft", 29518), ("tiny_evoid", 29519))}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def max_difference(run_a, run_b, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "tiny_nft"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_nft", "tiny_evoid"])
 def test_two_process_training(ddp_runs, preset):
     run_dir = ddp_runs[preset]
     summary = json.loads((run_dir / "summary.json").read_text())
