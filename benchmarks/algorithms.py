@@ -19,6 +19,7 @@ Wan model with the identity reward model.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -79,6 +80,23 @@ def per_epoch_cost(preset: str, overrides: list[str]) -> int:
     return nfe.analytic(config, "ours")["forward_equivalents"]
 
 
+def print_seed_means(results: dict, variants: dict, seeds: list[int]) -> None:
+    """Each variant's curve averaged over the seeds (its evaluations fall at the same epochs for
+    every seed), and the forward-equivalents its mean curve needs to reach GRPO's mean final
+    reward: one seed's GRPO can fail to learn (then its "final" is no target)."""
+    curves = {name: [sum(results[(name, seed)][0][i][1] for seed in seeds) / len(seeds)
+                     for i in range(len(results[(name, seeds[0])][0]))] for name in variants}
+    target = curves["GRPO (upstream settings)"][-1]
+    rows = []
+    for name, curve in curves.items():
+        costs = [fe for fe, _ in results[(name, seeds[0])][0]]
+        reached = next((fe for fe, reward in zip(costs, curve) if reward >= target), None)
+        rows.append([name, f"{curve[0]:.4f}", f"{curve[-1]:.4f}", f"{max(curve):.4f}",
+                     f"{reached:.3g}" if reached is not None else "not reached"])
+    print(f"\nmean over seeds {seeds}; target = GRPO's mean final {target:.4f}")
+    print(common.table(["variant", "mean before", "mean after", "best mean", "forward-eq to the target"], rows))
+
+
 def main() -> None:
     parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -123,6 +141,11 @@ def main() -> None:
     print(f"\n{args.epochs} epochs, eval every {args.eval_every} (deterministic eval, test rows), reward {args.reward}")
     print(common.table(["variant", "seed", "eval before", "eval after", "forward-eq / epoch",
                         "forward-eq to GRPO's final", "~s to GRPO's final", "run s"], rows))
+    if len(args.seeds) > 1:
+        print_seed_means(results, chosen, args.seeds)
+    (args.out / "algorithms.json").write_text(json.dumps(
+        [{"variant": name, "seed": seed, "curve": points, "seconds": seconds, "forward_eq_per_epoch": cost}
+         for (name, seed), (points, seconds, cost) in results.items()], indent=1))
     try:
         import matplotlib
 
