@@ -166,6 +166,25 @@ def phantom():
     return _phantom_sampling(config)
 
 
+def phantom14b():
+    """Phantom-Wan-14B with ``phantom``'s GRPO settings, sizes and sampling defaults (Phantom's
+    ``generate.py`` takes the same guidance and shift flags for both sizes), sharded with FSDP2
+    over 8 GPUs of a node:
+
+        accelerate launch --config_file scripts/accelerate_configs/fsdp2.yaml \
+            train_wan2_1_vace.py --config config/dgx.py:phantom14b
+
+    The DiT is released as sharded safetensors; ``pretrained.phantom_dit`` is their index, with
+    the shards beside it. Not yet run on GPUs.
+    """
+    config = phantom()
+    config.run_name = "phantom14b_identity_grpo"
+    config.pretrained.model = "Wan-AI/Wan2.1-T2V-14B-diffusers"
+    config.pretrained.phantom_dit = "checkpoints/Phantom-Wan-14B/Phantom_Wan_14B.safetensors.index.json"
+    config.train.gradient_checkpointing = True
+    return config
+
+
 def _phantom_sampling(config):
     """Phantom's released sampling defaults, shared by ``phantom`` and ``phantom_tiny``."""
     # s_img: weight of (refs + negative) - (no refs + negative), how strongly the references act.
@@ -289,10 +308,10 @@ def tiny_evoid():
 
 
 def get_config(name):
-    presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "phantom": phantom, "phantom_tiny": phantom_tiny,
-               "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
-               "vace_evoid": vace_evoid, "phantom_evoid": phantom_evoid, "tiny_evoid": tiny_evoid, "tiny_world": tiny_world,
-               "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid}
+    presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "phantom": phantom, "phantom14b": phantom14b,
+               "phantom_tiny": phantom_tiny, "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
+               "vace_evoid": vace_evoid, "phantom_evoid": phantom_evoid, "tiny_evoid": tiny_evoid,
+               "tiny_world": tiny_world, "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()

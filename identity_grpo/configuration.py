@@ -93,7 +93,8 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
         else num_processes
     if training and (sample.train_batch_size * replicas) % sample.num_image_per_prompt:
         errors.append(
-            f"sample.train_batch_size ({sample.train_batch_size}) x data replicas ({replicas}) must be divisible "
+            f"sample.train_batch_size ({sample.train_batch_size}) x data replicas ({replicas}: processes "
+            f"({num_processes}) / context_parallel_degree ({degree})) must be divisible "
             f"by sample.num_image_per_prompt ({sample.num_image_per_prompt})"
         )
     if sample.num_image_per_prompt < 2:

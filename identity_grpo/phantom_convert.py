@@ -1,4 +1,5 @@
-"""Load the Phantom-Wan DiT: an original-format Wan ``.pth`` (as released) or a diffusers folder.
+"""Load the Phantom-Wan DiT: an original-format Wan checkpoint as released (1.3B: one ``.pth``;
+14B: sharded safetensors with an ``.index.json``) or a diffusers folder.
 
 Phantom-Wan-1.3B has the Wan2.1-T2V-1.3B architecture, so the released checkpoint maps onto
 diffusers' ``WanTransformer3DModel`` with diffusers' own single-file converter
@@ -30,13 +31,44 @@ def _names(keys, limit: int = _MAX_NAMED) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
+def read_sharded_safetensors(index: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a sharded safetensors checkpoint from its ``*.index.json`` (``weight_map``:
+    tensor name -> shard file in the index's folder), as Phantom-Wan-14B is released
+    (``Phantom_Wan_14B.safetensors.index.json``). Every shard must exist and hold the tensors the
+    index assigns to it."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointConversionError(f"{index} is not a safetensors index (no readable 'weight_map'): {error}")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{index} lists the shard {shard!r}, which is not in {index.parent}; download "
+                                    "every shard of the checkpoint next to its index")
+        with safe_open(str(path), framework="pt") as handle:
+            wanted = [name for name, file in weight_map.items() if file == shard]
+            missing = set(wanted) - set(handle.keys())
+            if missing:
+                raise CheckpointConversionError(f"{path} lacks tensors its index assigns to it: {_names(missing)}")
+            state.update({name: handle.get_tensor(name) for name in wanted})
+    return state
+
+
 def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of an original-format checkpoint (``.pth`` / ``.pt`` / ``.safetensors``) on the CPU,
-    unwrapped from a ``{"state_dict": ...}``-style container and stripped of DDP / compile prefixes."""
+    """Tensors of an original-format checkpoint (``.pth`` / ``.pt`` / ``.safetensors``, or a sharded
+    safetensors ``*.index.json``) on the CPU, unwrapped from a ``{"state_dict": ...}``-style
+    container and stripped of DDP / compile prefixes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Phantom DiT checkpoint {str(path)!r} does not exist; set pretrained.phantom_dit")
-    if path.suffix == ".safetensors":
+    if path.name.endswith(".index.json"):
+        state = read_sharded_safetensors(path)
+    elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))

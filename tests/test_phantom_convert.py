@@ -53,6 +53,43 @@ def test_original_pth_loads_bit_exactly(dit, base, tmp_path):
                            dit(hidden, timestep, text, return_dict=False)[0])
 
 
+def write_shards(folder: Path, state: dict, name: str = "Phantom_Wan_14B") -> Path:
+    """``state`` as two safetensors shards and their index, laid out as Phantom-Wan-14B is released."""
+    import json
+
+    from safetensors.torch import save_file
+
+    keys = sorted(state)
+    halves = {f"{name}-00001-of-00002.safetensors": keys[::2], f"{name}-00002-of-00002.safetensors": keys[1::2]}
+    for shard, names in halves.items():
+        save_file({key: state[key].contiguous() for key in names}, str(folder / shard))
+    index = folder / f"{name}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {key: shard for shard, names in halves.items()
+                                                                 for key in names}}))
+    return index
+
+
+def test_sharded_safetensors_load_like_the_pth(dit, base, tmp_path):
+    original = to_original_wan_keys(dit.state_dict())
+    index = write_shards(tmp_path, original)
+    loaded = load_phantom_transformer(index, base)
+    expected = dit.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    (tmp_path / "Phantom_Wan_14B-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="Phantom_Wan_14B-00002-of-00002.safetensors"):
+        load_phantom_transformer(index, base)
+
+
+def test_phantom14b_preset_points_at_the_sharded_release():
+    from config.dgx import get_config
+    from identity_grpo.configuration import validate_config
+
+    config = get_config("phantom14b")
+    validate_config(config, num_processes=8)
+    assert config.pretrained.phantom_dit.endswith("Phantom_Wan_14B.safetensors.index.json")
+    assert config.pretrained.model == "Wan-AI/Wan2.1-T2V-14B-diffusers" and config.model_type == "phantom"
+
+
 def test_wrapped_and_prefixed_checkpoint_loads(dit, base, tmp_path):
     # A training framework's {"state_dict": ...} container with DDP's "module." prefix.
     wrapped = {"state_dict": {f"module.{k}": v for k, v in to_original_wan_keys(dit.state_dict()).items()}}
