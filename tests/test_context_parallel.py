@@ -69,7 +69,8 @@ def train(logdir, processes, port, tiny_vace_dir, *overrides):
               "--config.sample.num_image_per_prompt=4", "--config.train.ema=True", "--config.train.beta=0.01",
               # Adam with eps 1 steps nearly in proportion to the gradient (its usual step does not
               # see the gradient's size), so a gradient of the wrong size changes the LoRA.
-              "--config.train.adam_epsilon=1.0", "--config.train.learning_rate=1.0", *overrides]
+              "--config.train.adam_epsilon=1.0", "--config.train.learning_rate=1.0",
+              "--config.train.gradient_checkpointing=True", *overrides]  # as the real presets train
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(ROOT / "scripts" / "accelerate_configs" / "multi_gpu.yaml"), "--num_processes", str(processes),
