@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from identity_grpo.pipelines.base import SDEConfig
 from identity_grpo.rewards.world import SOFT_TEMPERATURE
 from identity_grpo.world.identity import identity_score
+from identity_grpo.world.preferences import WorldPair, with_person
 from identity_grpo.world.render import IDENTITIES, Identity, Scene, render_reference, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -60,20 +62,15 @@ def _scenes(rng: np.random.Generator, identities, count: int, num_people: int, n
 
 def _swapped(scene: Scene, rng: np.random.Generator, identities) -> Scene:
     """``scene`` with one person replaced by another identity of the same hair style."""
-    from identity_grpo.world.preferences import with_person
-
     slot = int(rng.integers(len(scene.people)))
     candidates = [other for other in identities if other.style == scene.people[slot].style and other not in scene.people]
     return with_person(scene, slot, candidates[int(rng.integers(len(candidates)))])
 
 
 def generated_pairs(pipeline, num_scenes: int, seed: int, identities=IDENTITIES, *, margin: float = 0.05,
-                    batch_size: int = 32, size: int = 32, num_frames: int = 5) -> list:
+                    batch_size: int = 32, size: int = 32, num_frames: int = 5) -> list[WorldPair]:
     """``WorldPair``s from ``num_scenes`` scenes over ``identities`` (see the module docstring);
     deterministic in ``seed``. Returns the pairs in scene order."""
-    from identity_grpo.pipelines.vace import SDEConfig
-    from identity_grpo.world.preferences import WorldPair
-
     rng = np.random.default_rng(seed)
     references = {identity.name: render_reference(identity) for identity in IDENTITIES}
 
