@@ -88,9 +88,8 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
         elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             errors.append("context_parallel_degree > 1 is not supported with FSDP2 yet; use the DDP "
                           "configuration (scripts/accelerate_configs/multi_gpu.yaml) or set it to 1")
-    # Data replicas: a context-parallel group runs one batch.
-    replicas = num_processes // degree if isinstance(degree, int) and degree >= 1 and not num_processes % degree \
-        else num_processes
+    # Data replicas: a context-parallel group runs one batch (any other degree is an error above).
+    replicas = num_processes // degree if degree in (1, num_processes) else num_processes
     if training and (sample.train_batch_size * replicas) % sample.num_image_per_prompt:
         errors.append(
             f"sample.train_batch_size ({sample.train_batch_size}) x data replicas ({replicas}: processes "

@@ -319,9 +319,13 @@ class RolloutPipeline:
         on bf16 weights computes in fp32 while sampling and in bf16 under the training step's
         autocast: on-policy log-ratios of up to 3e-3 on the tiny model, above the 1e-3 clip range.
         """
-        half = self.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+        with self._autocast():
             return self.predict_noise(*args, **kwargs).float()
+
+    def _autocast(self):
+        """Autocast to :attr:`dtype` when that is a half type (a no-op otherwise)."""
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=half)
 
     def video_frames(self, num_references: int) -> slice:
         """Which latent frames of the sampled state are video (not reference) frames."""
@@ -341,8 +345,7 @@ class RolloutPipeline:
                              "config.pretrained.teacher to a Wan2.1-T2V diffusers folder")
         video = latents[:, :, self.video_frames(num_references)]
         timestep = timestep.expand(video.shape[0]) if timestep.ndim == 0 else timestep
-        half = self.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+        with self._autocast():
             return self.teacher(hidden_states=video.to(self.dtype), timestep=timestep,
                                 encoder_hidden_states=prompt_embeds, return_dict=False)[0].float()
 
