@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from identity_grpo.nft import OLD_POLICY_DECAY_TYPES
+from identity_grpo.rewards import reward_model_folders
 from identity_grpo.schedules import SIGMA_TABLES
 
 ALGORITHMS = ("grpo", "nft", "evoid")
@@ -320,13 +321,15 @@ def _path_errors(config, training: bool) -> list[str]:
             errors.append(model_path_error(config, "pretrained.teacher", teacher, "config.json"))
     weights = dict(config.reward_fn)
     if "identity" in weights:  # built and scored even at weight 0 (then logged, not optimised)
-        path = str(pretrained.get("reward_model", ""))
-        if not (Path(path, "reward_config.json").is_file() or Path(path, "model_config.json").is_file()
-                or (may_build_tiny(config, path) and not Path(path).exists())):
-            state = "does not exist" if not Path(path).exists() else (
-                "holds neither reward_config.json (standard layout) nor model_config.json (upstream layout)")
-            errors.append(f"config.pretrained.reward_model = {path!r} {state}, and reward_fn lists 'identity'; point it "
-                          "at the identity reward model folder (docs/reward_model.md)")
+        folders = reward_model_folders(pretrained.get("reward_model", ""))
+        for path in folders or [""]:
+            if not (Path(path, "reward_config.json").is_file() or Path(path, "model_config.json").is_file()
+                    or (may_build_tiny(config, path) and not Path(path).exists())):
+                state = "does not exist" if not Path(path).exists() else (
+                    "holds neither reward_config.json (standard layout) nor model_config.json (upstream layout)")
+                errors.append(f"config.pretrained.reward_model: {path!r} {state}, and reward_fn lists 'identity'; point "
+                              "it at the identity reward model folder, or several separated by commas "
+                              "(docs/reward_model.md)")
     for reward, section, field in (("aesthetic", "aesthetic", "clip_path"), ("aesthetic", "aesthetic", "head_path"),
                                    ("naturalness", "naturalness", "model_path")):
         path = str(config_field(config_field(config, section, None), field, ""))

@@ -662,12 +662,13 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
 
 def before_after_png(run_dir: str | Path, out: str | Path | None = None, max_frames: int = 8,
-                     min_height: int = 96) -> Path | None:
-    """One picture of the evaluation gallery, for a quick look without a browser: per test row,
-    its references, then up to ``max_frames`` evenly spaced frames of the first evaluation
-    (before training) and of the last (after), side by side; tiny videos are enlarged (nearest
-    neighbour) to at least ``min_height`` pixels. Written to ``out`` (default
-    ``<run>/before_after.png``); None when the run saved fewer than two evaluations."""
+                     min_height: int = 96, max_rows: int = 16) -> Path | None:
+    """One picture of the evaluation gallery, for a quick look without a browser: per test row
+    (the first ``max_rows``; the report shows them all), its references, then up to
+    ``max_frames`` evenly spaced frames of the first evaluation (before training) and of the last
+    (after), side by side; tiny videos are enlarged (nearest neighbour) to at least
+    ``min_height`` pixels. Written to ``out`` (default ``<run>/before_after.png``); None when the
+    run saved fewer than two evaluations."""
     import numpy as np
     from PIL import Image
 
@@ -691,6 +692,8 @@ def before_after_png(run_dir: str | Path, out: str | Path | None = None, max_fra
             picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
             parts += [gap] + [frames[i] for i in picks]
         rows.append(np.concatenate(parts, axis=1))
+        if len(rows) == max_rows:
+            break
     if not rows:
         return None
     widest = max(row.shape[1] for row in rows)

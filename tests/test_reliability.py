@@ -240,7 +240,14 @@ def test_missing_reward_model_folder_is_refused_when_its_reward_is_listed(tmp_pa
     config = tiny_config(tmp_path, dataset, reward_fn={"ref_tone": 1.0, "identity": 0.0},
                          **{"pretrained.reward_model": str(missing), "pretrained.build_tiny": False})
     message = refused_by_train(config)
-    assert f"config.pretrained.reward_model = '{missing}' does not exist" in message
+    assert f"config.pretrained.reward_model: '{missing}' does not exist" in message
+    # An ensemble's missing member is named, not the members that exist.
+    from vace_reward.testing import write_tiny_reward_model
+
+    present = write_tiny_reward_model(tmp_path / "reward_a")
+    config.pretrained.reward_model = f"{present},{missing}"
+    message = refused_by_train(config)
+    assert f"'{missing}' does not exist" in message and f"'{present}'" not in message
     config.reward_fn = {"ref_tone": 1.0}  # not listed: not needed (the base model is still missing here)
     with pytest.raises(ValueError) as error:
         validate_config(config, check_files=True)

@@ -256,6 +256,12 @@ def test_before_after_picture_lays_out_references_first_and_last_evaluation(trai
                 x += size
         assert len(video) == frames
         assert (block[:, x:] == 255).all()  # padding of shorter rows only
+    # A long test split is cut to its first rows: the picture of one row is the grid's first row.
+    assert len(items) > 1
+    first = np.asarray(Image.open(report.before_after_png(run_dir, run_dir.parent / "first_row.png", max_rows=1)))
+    assert first.shape[0] == row_height * scale
+    np.testing.assert_array_equal(first, grid[:row_height * scale, :first.shape[1]])
+    assert (grid[:row_height * scale, first.shape[1]:] == 255).all()
 
 
 # ---------------------------------------------------------------------------------------- plots

@@ -148,3 +148,30 @@ def test_ref_similarity_compares_position_by_position():
     swapped = 255 - matching
     scores = _score(torch.cat([matching, swapped]), [reference])
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_identity_reward_ensemble_is_the_mean_of_its_members(tmp_path):
+    """``pretrained.reward_model = "A,B"``: the ``identity`` score is the mean of what A and B give
+    alone (each member's own score logged as ``identity/model<i>``)."""
+    from ml_collections import ConfigDict
+
+    import identity_grpo.rewards.identity  # noqa: F401  (registers "identity")
+    from vace_reward.testing import write_tiny_reward_model
+
+    folders = [str(write_tiny_reward_model(tmp_path / f"reward_{seed}", seed=seed)) for seed in (0, 1)]
+    generator = torch.Generator().manual_seed(0)
+    inputs = RewardInputs(frames=torch.randint(0, 256, (3, 4, 32, 32, 3), dtype=torch.uint8, generator=generator),
+                          reference_images=[[Image.new("RGB", (32, 32), (40 * i, 90, 200))] for i in range(3)],
+                          prompts=["a man walks", "a woman stands", "two men"])
+
+    def identity_scores(path: str) -> dict[str, torch.Tensor]:
+        config = ConfigDict({"reward_fn": {"identity": 1.0}, "pretrained": {"reward_model": path},
+                             "reward_model": {"batch_size": 2, "fps": 10.0}})
+        return REGISTRY["identity"](config, torch.device("cpu"))(inputs)
+
+    alone = [identity_scores(folder)["identity"] for folder in folders]
+    assert not torch.allclose(alone[0], alone[1])  # two different models, or the mean proves nothing
+    ensemble = identity_scores(" , ".join(folders))
+    torch.testing.assert_close(ensemble["identity"], (alone[0] + alone[1]) / 2)
+    torch.testing.assert_close(ensemble["identity/model0"], alone[0])
+    torch.testing.assert_close(ensemble["identity/model1"], alone[1])

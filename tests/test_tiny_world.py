@@ -2,6 +2,7 @@
 the simple rewards it is meant to make learnable."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from identity_grpo.world.render import (
 )
 
 SIZE, FRAMES = 32, 5
+WORLD = Path(__file__).resolve().parents[1] / "dataset" / "tiny_world"
 
 
 def scenes(seed, count):
@@ -115,6 +117,19 @@ def test_dataset_rows_are_distinct_between_splits(tmp_path):
     assert not set(splits["train"]) & set(splits["test"])
 
 
+def test_committed_rows_are_the_builders(tmp_path):
+    """The shipped train / test CSVs are exactly what ``write_dataset`` writes (32 test rows, both
+    head counts well represented), so the splits the docs' numbers were measured on can be rebuilt."""
+    from identity_grpo.world.build import write_dataset
+
+    write_dataset(tmp_path)
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.csv").read_text() == (WORLD / f"{split}.csv").read_text(), split
+    with open(WORLD / "test.csv") as handle:
+        counts = [len(row[0].split(";")) for row in list(csv.reader(handle))[1:]]
+    assert len(counts) == 32 and counts.count(1) >= 10 and counts.count(2) >= 10
+
+
 def _inputs(frames, references):
     return RewardInputs(frames=torch.as_tensor(frames, dtype=torch.uint8), reference_images=references,
                         prompts=["p"] * len(references))
@@ -188,14 +203,11 @@ def test_committed_generator_follows_its_references_and_ode_and_sde_score_alike(
     and SDE 0.452 (against other people's references about 0.03; chance 1/24); two people, 0.308
     and 0.305 (chance 1/12). Smaller samples mislead: 24 scenes and one seed gave 0.57 vs 0.41.
     The bounds leave room for another machine's rounding."""
-    from pathlib import Path
-
     from diffusers import WanVACEPipeline
 
     from identity_grpo.pipelines.vace import SDEConfig, VaceRolloutPipeline
 
-    model = Path(__file__).resolve().parents[1] / "dataset" / "tiny_world" / "models" / "wan_vace"
-    pipeline = VaceRolloutPipeline(WanVACEPipeline.from_pretrained(model))
+    pipeline = VaceRolloutPipeline(WanVACEPipeline.from_pretrained(WORLD / "models" / "wan_vace"))
     references = {identity.name: render_reference(identity) for identity in IDENTITIES}
     drawn = scenes(123, 400)
 
@@ -222,3 +234,27 @@ def test_committed_generator_follows_its_references_and_ode_and_sde_score_alike(
     assert abs(one_ode - one_sde) < 0.08 and abs(two_ode - two_sde) < 0.08, measured
     others = mean_score(one[:48], seeds=(0,), shift=7, sde_steps=[])
     assert others < 0.1, others
+
+
+def test_quick_build_writes_a_world_the_preset_can_load(tmp_path):
+    """``scripts/build_tiny_world.py --quick``: the data set and a generator of the shipped
+    architecture (a few training steps only), loadable by the rollout pipeline's loader."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from identity_grpo.world.generated_pairs import load_world_pipeline
+
+    out = tmp_path / "world"
+    done = subprocess.run([sys.executable, str(WORLD.parents[1] / "scripts" / "build_tiny_world.py"), "--quick", str(out)],
+                          cwd=WORLD.parents[1], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORLD.parents[1])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for split in ("train", "test"):
+        assert (out / f"{split}.csv").read_text() == (WORLD / f"{split}.csv").read_text()
+    assert not (out / "models" / "identity_reward").exists()  # --quick trains no reward model
+    pipeline = load_world_pipeline(out / "models" / "wan_vace")
+    shipped = json.loads((WORLD / "models" / "wan_vace" / "transformer" / "config.json").read_text())
+    assert {k: v for k, v in pipeline.transformer.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in shipped.items() if not k.startswith("_")}

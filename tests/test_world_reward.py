@@ -5,6 +5,7 @@ training run of the real entry point whose loss falls."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,19 @@ def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path):
     assert set(summary["held_out"]) >= {"swap/accuracy", "distortion/accuracy", "tie/accuracy"}
     model, _ = IdentityRewardModel.from_pretrained(out_dir)
     assert model.config.instruction == WORLD_INSTRUCTION and model.config.num_frames == settings.num_frames
+
+
+def test_tiny_world_preset_averages_the_worlds_shipped_reward_models():
+    """The preset's ensemble is the three folders the build writes (seeds 0-2), each shipped."""
+    from config.dgx import get_config
+    from identity_grpo.rewards import reward_model_folders
+    from identity_grpo.world.reward import REWARD_ENSEMBLE_SEEDS, reward_model_folder
+
+    folders = reward_model_folders(get_config("tiny_world").pretrained.reward_model)
+    assert folders == [f"dataset/tiny_world/models/{reward_model_folder(seed)}" for seed in REWARD_ENSEMBLE_SEEDS]
+    root = Path(__file__).resolve().parents[1]
+    for folder in folders:
+        summary = json.loads((root / folder / "world_reward.json").read_text())
+        assert (root / folder / "reward_config.json").is_file() and summary["held_out"]["swap/accuracy"] > 0.65
+    seeds = [json.loads((root / folder / "world_reward.json").read_text())["settings"]["seed"] for folder in folders]
+    assert seeds == list(REWARD_ENSEMBLE_SEEDS)

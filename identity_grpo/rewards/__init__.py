@@ -58,6 +58,12 @@ RewardFactory = Callable[[object, torch.device], RewardFn]
 REGISTRY: dict[str, RewardFactory] = {}
 
 
+def reward_model_folders(value) -> list[str]:
+    """``config.pretrained.reward_model`` as a list of folders: one, or several separated by commas
+    (an ensemble, scored by their mean)."""
+    return [part.strip() for part in str(value or "").split(",") if part.strip()]
+
+
 def register(name: str) -> Callable[[RewardFactory], RewardFactory]:
     """Decorator adding a factory to the registry under ``name``."""
 

@@ -3,7 +3,10 @@
 Config fields read (all but the first optional; missing ones take the defaults below):
 
 - ``config.pretrained.reward_model``: reward model folder, standard layout or the upstream
-  release layout (see ``docs/reward_model.md``).
+  release layout (see ``docs/reward_model.md``); or several folders separated by commas, an
+  ensemble whose score is the mean of its members' scores (each member's own score is logged
+  as ``identity/model<i>``): the usual guard against a policy climbing one model's mistakes
+  (on the tiny world it did not make identity learning reliable: docs/tiny_world.md).
 - ``config.pretrained.build_tiny`` (False): if true and the folder does not exist, write a tiny
   random reward model there first (offline quick start and tests only).
 - ``config.reward_model.batch_size`` (4): videos per forward pass of the reward model.
@@ -17,7 +20,7 @@ Config fields read (all but the first optional; missing ones take the defaults b
 - ``config.reward_model.base_model`` ("" = as recorded): base Qwen2.5-VL for the upstream layout.
 
 Returns ``{"identity": (B,)}`` (the first score dimension, subject alignment); models with more
-dimensions add ``identity/<dimension>`` for each.
+dimensions add ``identity/<dimension>`` for each (ensemble means, dimension by dimension).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from identity_grpo.rewards import RewardInputs, config_field, register
+from identity_grpo.rewards import RewardInputs, config_field, register, reward_model_folders
 from vace_reward.inference import IdentityRewardScorer
 
 logger = logging.getLogger(__name__)
@@ -64,48 +67,58 @@ def score_via_mp4(scorer: IdentityRewardScorer, inputs: RewardInputs, fps: float
 def identity(config, device: torch.device):
     """Factory: load the reward model once; the returned fn scores a batch of rollouts."""
     pretrained = config_field(config, "pretrained", None)
-    path = config_field(pretrained, "reward_model", "")
-    if not path:
+    paths = reward_model_folders(config_field(pretrained, "reward_model", ""))
+    if not paths:
         raise ValueError("config.pretrained.reward_model is empty; set it to the identity reward model folder")
-    if config_field(pretrained, "build_tiny", False) and not Path(path).exists():
-        from vace_reward.testing import write_tiny_reward_model
-
-        logger.warning("writing a tiny RANDOM reward model to %s (pretrained.build_tiny is set)", path)
-        write_tiny_reward_model(path)
-
     options = config_field(config, "reward_model", None)
-    scorer = IdentityRewardScorer.from_pretrained(
-        path,
-        device=device,
-        base_model=config_field(options, "base_model", "") or None,
-        batch_size=int(config_field(options, "batch_size", 4)),
-        num_frames=int(config_field(options, "num_frames", 0)) or None,
-        max_frame_pixels=int(config_field(options, "max_frame_pixels", 0)) or None,
-    )
-    fps = float(config_field(options, "fps", 0)) or scorer.config.fps
+    scorers = []
+    for path in paths:
+        if config_field(pretrained, "build_tiny", False) and not Path(path).exists():
+            from vace_reward.testing import write_tiny_reward_model
+
+            logger.warning("writing a tiny RANDOM reward model to %s (pretrained.build_tiny is set)", path)
+            write_tiny_reward_model(path)
+        scorers.append(IdentityRewardScorer.from_pretrained(
+            path,
+            device=device,
+            base_model=config_field(options, "base_model", "") or None,
+            batch_size=int(config_field(options, "batch_size", 4)),
+            num_frames=int(config_field(options, "num_frames", 0)) or None,
+            max_frame_pixels=int(config_field(options, "max_frame_pixels", 0)) or None,
+        ))
+    dimensions = scorers[0].dimensions
+    if any(scorer.dimensions != dimensions for scorer in scorers):
+        raise ValueError(f"config.pretrained.reward_model: the ensemble's models score different dimensions "
+                         f"({[scorer.dimensions for scorer in scorers]}); use models of one kind")
+    fps = float(config_field(options, "fps", 0)) or scorers[0].config.fps
     mp4_roundtrip = bool(config_field(options, "mp4_roundtrip", False))
-    dimensions = scorer.dimensions
-    logger.info("identity reward: %s on %s, dimensions %s, %d frames, %s fps%s", path, device, dimensions,
-                scorer.num_frames, fps, ", through mp4 as upstream" if mp4_roundtrip else "")
+    logger.info("identity reward: %s on %s, dimensions %s, %d frames, %s fps%s", ", ".join(paths), device, dimensions,
+                scorers[0].num_frames, fps, ", through mp4 as upstream" if mp4_roundtrip else "")
     # The GRPO loop scores in a worker thread while the next rollout runs; the lock keeps two
     # overlapping calls (should the caller ever make them) from interleaving on the model.
     lock = threading.Lock()
 
+    def score(scorer: IdentityRewardScorer, inputs: RewardInputs) -> torch.Tensor:
+        if mp4_roundtrip:
+            return score_via_mp4(scorer, inputs, fps)
+        return scorer.score_frames(inputs.frames, inputs.reference_images, inputs.prompts, fps=fps)  # (B, N)
+
     def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
         with lock:
-            if mp4_roundtrip:
-                scores = score_via_mp4(scorer, inputs, fps)
-            else:
-                scores = scorer.score_frames(inputs.frames, inputs.reference_images, inputs.prompts, fps=fps)  # (B, N)
+            members = [score(scorer, inputs) for scorer in scorers]
+        scores = torch.stack(members).mean(0)
         out = {"identity": scores[:, 0]}
         if len(dimensions) > 1:
             out.update({f"identity/{name}": scores[:, index] for index, name in enumerate(dimensions)})
+        if len(members) > 1:
+            out.update({f"identity/model{index}": member[:, 0] for index, member in enumerate(members)})
         return out
 
     def move(device) -> None:
         """The reward model to ``device`` (``reward_model.offload``); scores follow the weights."""
         with lock:
-            scorer.model.to(device)
+            for scorer in scorers:
+                scorer.model.to(device)
 
     fn.to = move
     return fn

@@ -311,9 +311,11 @@ def build_generator(settings: BuildSettings, size: WorldSize, vae=None):
     return pipe
 
 
-def write_dataset(out, seed: int = 0, num_train: int = 24, num_test: int = 8, size: WorldSize = WorldSize()) -> None:
+def write_dataset(out, seed: int = 0, num_train: int = 24, num_test: int = 32, size: WorldSize = WorldSize()) -> None:
     """``out/{train,test}.csv`` (``ref_paths,prompt``) and the 24 reference portraits. Test rows
-    are new scenes (prompts and pairings) not among the training rows."""
+    are new scenes (prompts and pairings) not among the training rows. Rows are drawn in one
+    stream, training rows first, so a longer test split keeps the training rows and extends the
+    test rows (the world's first 8 test rows are those of its first release)."""
     import csv
     from pathlib import Path
 

@@ -49,6 +49,14 @@ logger = logging.getLogger(__name__)
 WORLD_INSTRUCTION = "<|SA_reward|>"
 WORLD_SYSTEM_PROMPT = ""
 SUMMARY_NAME = "world_reward.json"
+# The world's reward ensemble (the tiny_world preset averages the three): seed 0 in
+# models/identity_reward, the others in models/identity_reward_seed<seed>.
+REWARD_ENSEMBLE_SEEDS = (0, 1, 2)
+
+
+def reward_model_folder(seed: int) -> str:
+    """The folder name, under the world's ``models/``, of its reward model of ``seed``."""
+    return "identity_reward" if seed == 0 else f"identity_reward_seed{seed}"
 
 
 @dataclass
