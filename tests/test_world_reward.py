@@ -236,8 +236,7 @@ def test_tiny_world_preset_averages_the_worlds_shipped_reward_models():
     folders = reward_model_folders(get_config("tiny_world").pretrained.reward_model)
     assert folders == [f"dataset/tiny_world/models/{reward_model_folder(seed)}" for seed in REWARD_ENSEMBLE_SEEDS]
     root = Path(__file__).resolve().parents[1]
-    for folder in folders:
-        summary = json.loads((root / folder / "world_reward.json").read_text())
+    summaries = [json.loads((root / folder / "world_reward.json").read_text()) for folder in folders]
+    for folder, summary in zip(folders, summaries):
         assert (root / folder / "reward_config.json").is_file() and summary["held_out"]["swap/accuracy"] > 0.65
-    seeds = [json.loads((root / folder / "world_reward.json").read_text())["settings"]["seed"] for folder in folders]
-    assert seeds == list(REWARD_ENSEMBLE_SEEDS)
+    assert [summary["settings"]["seed"] for summary in summaries] == list(REWARD_ENSEMBLE_SEEDS)
