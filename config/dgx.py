@@ -154,6 +154,19 @@ def tiny_world():
     return config
 
 
+
+def tiny_world_phantom():
+    """``tiny_world`` on the world's Phantom generator (``models/wan_phantom``: the Wan T2V
+    architecture with the references appended as latent frames, trained on the same scenes with
+    the same VAE and text encoder as the VACE one; docs/tiny_world.md). Guidance off, as in
+    ``tiny_world``; the folder's scheduler (shift 3, what it was trained with), not Phantom's 5."""
+    config = tiny_world()
+    config.run_name = "tiny_world_phantom"
+    config.model_type = "phantom"
+    config.pretrained.model = "dataset/tiny_world/models/wan_phantom"
+    config.pretrained.phantom_dit = "dataset/tiny_world/models/wan_phantom"
+    return config
+
 def phantom():
     """Phantom-Wan-1.3B with the same GRPO hyper-parameters and training sizes as ``vace``.
 
@@ -316,7 +329,8 @@ def get_config(name):
     presets = {"vace": vace, "vace14b": vace14b, "tiny": tiny, "phantom": phantom, "phantom14b": phantom14b,
                "phantom_tiny": phantom_tiny, "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
                "vace_evoid": vace_evoid, "phantom_evoid": phantom_evoid, "tiny_evoid": tiny_evoid,
-               "tiny_world": tiny_world, "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid}
+               "tiny_world": tiny_world, "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid,
+               "tiny_world_phantom": tiny_world_phantom}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()

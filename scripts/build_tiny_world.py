@@ -1,13 +1,16 @@
-"""Build the tiny world: its data set, a trained Wan VAE and VACE transformer and (unless
-``--no-reward``) its identity reward models, written where the ``tiny_world`` preset finds them.
+"""Build the tiny world: its data set, a trained Wan VAE and VACE transformer, a Phantom
+transformer on the same VAE and text encoder, and (unless ``--no-reward``) its identity reward
+models, written where the ``tiny_world`` and ``tiny_world_phantom`` presets find them.
 
     python scripts/build_tiny_world.py                # dataset/tiny_world/ (the committed world)
     python scripts/build_tiny_world.py --quick OUT    # seconds-long smoke build (untrained, no reward model)
+    python scripts/build_tiny_world.py --only-phantom # the Phantom generator alone, on the existing world's
+                                                      # VAE and text encoder (the same weights a full build gives)
 
 The reward models (an ensemble of three, seeds 0-2: ``models/identity_reward``,
 ``identity_reward_seed1``, ``identity_reward_seed2``) learn from drawn preference pairs only, so
-they train one after another in a second process next to the generator (VAE, then
-transformer): about 26 minutes on 2 cores instead of 46 on one.
+they train one after another in a second process next to the generators (VAE, VACE transformer,
+then Phantom transformer): about 27 minutes on 2 cores instead of 53 on one.
 Every model trains on one thread, as the committed ones did: another thread count rounds
 differently and gives other weights in the last bits. Deterministic on one machine (seeded; two
 builds give identical weights). Timings and numbers: docs/tiny_world.md.
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from identity_grpo.world.build import BuildSettings, WorldSize, build_generator, write_dataset
+from identity_grpo.world.build import BuildSettings, WorldSize, build_generator, build_phantom_generator, write_dataset
 from identity_grpo.world.reward import REWARD_ENSEMBLE_SEEDS, reward_model_folder
 
 
@@ -35,6 +38,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few training steps only (for tests)")
     parser.add_argument("--no-reward", action="store_true", help="skip the identity reward model")
+    parser.add_argument("--only-phantom", action="store_true",
+                        help="train only the Phantom generator, on OUT's existing models/wan_vace (its VAE, text "
+                             "encoder and scheduler)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -44,6 +50,17 @@ def main() -> None:
                                  transformer_batch=4)
     out = Path(args.out)
     start = time.time()
+    if args.only_phantom:
+        from diffusers import WanVACEPipeline
+
+        base = out / "models" / "wan_vace"
+        if not (base / "model_index.json").is_file():
+            sys.exit(f"--only-phantom trains on an existing world's VACE generator, and {base} holds none; build "
+                     "the whole world first (python scripts/build_tiny_world.py)")
+        build_phantom_generator(settings, WorldSize(), WanVACEPipeline.from_pretrained(base)).save_pretrained(
+            out / "models" / "wan_phantom")
+        logging.info("Phantom generator written to %s in %.0f s", out / "models" / "wan_phantom", time.time() - start)
+        return
     write_dataset(out, seed=args.seed)
     reward = None
     if not (args.no_reward or args.quick):
@@ -53,7 +70,9 @@ def main() -> None:
         reward = subprocess.Popen(" && ".join(commands), shell=True, start_new_session=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        build_generator(settings, WorldSize()).save_pretrained(out / "models" / "wan_vace")
+        vace = build_generator(settings, WorldSize())
+        vace.save_pretrained(out / "models" / "wan_vace")
+        build_phantom_generator(settings, WorldSize(), vace).save_pretrained(out / "models" / "wan_phantom")
     except BaseException:
         if reward is not None:
             os.killpg(reward.pid, signal.SIGTERM)

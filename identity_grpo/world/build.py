@@ -1,6 +1,8 @@
-"""Train the tiny world's generator: a Wan VAE on its frames, then a Wan VACE transformer with
+"""Train the tiny world's generators: a Wan VAE on its frames, then a Wan VACE transformer with
 flow matching on (prompt, references) -> video latents, conditioned by the rollout pipeline's own
-``encode_conditioning`` and ``encode_prompts``.
+``encode_conditioning``, ``encode_prompts`` and ``predict_noise``; and on the same VAE and text
+encoder a Phantom transformer (the Wan T2V architecture, references appended in time), trained
+the same way through :class:`~identity_grpo.pipelines.phantom.PhantomRolloutPipeline`.
 
 The text encoder is a tiny random UMT5 over the world's words, left frozen as the real one is.
 Everything is seeded; on one machine two builds give identical weights.
@@ -82,8 +84,10 @@ def build_vae():
     # Two down-sampling stages, both also in time: 4x spatial (not Wan's 8x) and 4x temporal
     # compression. At 32x32 a face is 8 pixels wide; 8x compression leaves it one latent pixel and
     # loses the hair style (measured: a VAE round trip kept half the identities), 4x keeps it.
+    # scale_factor_*: what WanPipeline (Phantom) reads; WanVACEPipeline derives them from the stages.
     return AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 2], num_res_blocks=1,
-                            temperal_downsample=[True, True])
+                            temperal_downsample=[True, True], scale_factor_spatial=SPATIAL_SCALE,
+                            scale_factor_temporal=4)
 
 
 def build_transformer(settings: BuildSettings):
@@ -206,13 +210,29 @@ def train_vae(settings: BuildSettings, size: WorldSize):
     return vae
 
 
+def build_phantom_transformer(settings: BuildSettings):
+    """The Phantom generator's transformer: :func:`build_transformer`'s sizes without the VACE
+    blocks (Phantom-Wan's DiT is the Wan T2V architecture; its references enter as latent frames)."""
+    from diffusers import WanTransformer3DModel
+
+    width = 16 * settings.transformer_heads
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=settings.transformer_heads, attention_head_dim=16,
+        in_channels=Z_DIM, out_channels=Z_DIM, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=4 * width,
+        num_layers=settings.transformer_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        rope_max_seq_len=32,
+    )
+
+
 @dataclass
 class EncodedScenes:
     """Training data of the transformer, for scenes of one reference count n.
 
     Attributes:
-        clean: ``(N, z, n + F_lat, h, w)`` normalised latents: the references' then the video's.
-        conditioning: ``(N, 2z + 16, n + F_lat, h, w)`` the pipeline's VACE control latents.
+        clean: the rollout state's clean latents: VACE ``(N, z, n + F_lat, h, w)``, the references'
+            then the video's; Phantom ``(N, z, F_lat, h, w)``, the video's only.
+        conditioning: the pipeline's ``encode_conditioning``: VACE's control latents
+            ``(N, 2z + 16, n + F_lat, h, w)``, Phantom's clean reference latents ``(N, z, n, h, w)``.
         prompt_embeds: ``(N, L, D)`` UMT5 embeddings.
     """
 
@@ -233,7 +253,12 @@ def encode_scenes(pipeline, scenes: list[Scene], references: dict[str, Image.Ima
         refs = [[references[person.name] for person in scene.people] for scene in chunk]
         conditioning = pipeline.encode_conditioning(refs, size.size, size.size, size.num_frames)
         count = len(chunk[0].people)
-        clean = torch.cat([conditioning[:, :Z_DIM, :count].float(), video], dim=2)
+        # The rollout state: Phantom's holds the video only (it appends the references at every
+        # call); VACE's holds the references' slots (clean value: their inactive latents) first.
+        if pipeline.video_frames(count) == slice(None):
+            clean = video
+        else:
+            clean = torch.cat([conditioning[:, :Z_DIM, :count].float(), video], dim=2)
         embeds = pipeline.encode_prompts([scene.prompt for scene in chunk], max_sequence_length)
         parts.append((clean, conditioning, embeds))
     return EncodedScenes(*(torch.cat(tensors) for tensors in zip(*parts)))
@@ -248,7 +273,10 @@ def flow_matching_sigmas(generator: torch.Generator, count: int, shift: float) -
 def train_transformer(pipeline, data: list[EncodedScenes], settings: BuildSettings, shift: float = 3.0):
     """Flow matching: ``x_t = (1 - s) x0 + s eps``, target velocity ``eps - x0`` at timestep
     ``1000 s``, the prompt replaced by the empty prompt's embedding with ``prompt_dropout`` (so
-    classifier-free guidance has an unconditional model to subtract)."""
+    classifier-free guidance has an unconditional model to subtract). The velocity is the rollout
+    pipeline's own unguided ``predict_noise`` (VACE: control stream at scale 1; Phantom: clean
+    reference frames appended, their slots' output dropped), so training and sampling condition
+    the transformer alike."""
     transformer = pipeline.transformer.train()
     generator = torch.Generator().manual_seed(settings.seed)
     empty = pipeline.encode_prompts([""], settings.max_sequence_length)
@@ -256,7 +284,6 @@ def train_transformer(pipeline, data: list[EncodedScenes], settings: BuildSettin
     steps = settings.transformer_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 100) * min(1.0, 2.0 * (1.0 - step / steps)))
-    scale = torch.ones(len(transformer.config.vace_layers))
     start = time.time()
     for step in range(steps):
         bucket = data[step % len(data)]
@@ -267,9 +294,8 @@ def train_transformer(pipeline, data: list[EncodedScenes], settings: BuildSettin
         noisy = (1 - sigma) * clean + sigma * noise
         drop = torch.rand(len(index), generator=generator) < settings.prompt_dropout
         text = torch.where(drop.view(-1, 1, 1), empty.expand(len(index), -1, -1), bucket.prompt_embeds[index])
-        prediction = transformer(hidden_states=noisy, timestep=sigma.flatten() * 1000, encoder_hidden_states=text,
-                                 control_hidden_states=bucket.conditioning[index], control_hidden_states_scale=scale,
-                                 return_dict=False)[0]
+        prediction = pipeline.predict_noise(noisy, sigma.flatten() * 1000, text, None, bucket.conditioning[index],
+                                            guidance_scale=1.0)
         loss = F.mse_loss(prediction, noise - clean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,14 +327,36 @@ def build_generator(settings: BuildSettings, size: WorldSize, vae=None):
     torch.manual_seed(settings.seed)
     pipe = WanVACEPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(),
                            transformer=build_transformer(settings), scheduler=build_wan_unipc_scheduler(3.0))
-    rollout = VaceRolloutPipeline(pipe)
+    fit_to_scenes(VaceRolloutPipeline(pipe), settings, size)
+    return pipe
+
+
+def build_phantom_generator(settings: BuildSettings, size: WorldSize, base):
+    """The world's Phantom: a ``WanPipeline`` with the VACE generator ``base``'s tokenizer, UMT5,
+    VAE and scheduler (Phantom-Wan shares Wan T2V's) and a Phantom transformer
+    (:func:`build_phantom_transformer`) trained here on the same scenes, through
+    :class:`~identity_grpo.pipelines.phantom.PhantomRolloutPipeline`. Its folder serves as both
+    ``pretrained.model`` and ``pretrained.phantom_dit``."""
+    from diffusers import WanPipeline
+
+    from identity_grpo.pipelines.phantom import PhantomRolloutPipeline
+
+    torch.manual_seed(settings.seed)
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       transformer=build_phantom_transformer(settings), scheduler=base.scheduler)
+    fit_to_scenes(PhantomRolloutPipeline(pipe), settings, size)
+    return pipe
+
+
+def fit_to_scenes(rollout, settings: BuildSettings, size: WorldSize) -> None:
+    """Encode the world's training scenes (:func:`split_scenes`) as ``rollout`` conditions its
+    transformer and train the transformer on them (:func:`train_transformer`)."""
     references = {identity.name: render_reference(identity) for identity in IDENTITIES}
     start = time.time()
     data = [encode_scenes(rollout, bucket, references, size, settings.max_sequence_length)
             for bucket in split_scenes(settings, size)]
     logger.info("encoded %d scenes (%.0f s)", settings.num_scenes, time.time() - start)
     train_transformer(rollout, data, settings)
-    return pipe
 
 
 def write_dataset(out, seed: int = 0, num_train: int = 24, num_test: int = 32, size: WorldSize = WorldSize()) -> None:

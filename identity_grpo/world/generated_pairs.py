@@ -41,14 +41,17 @@ NOISE_LEVEL = 0.7
 
 
 def load_world_pipeline(model_dir: str | Path):
-    """The VACE rollout pipeline of a world generator folder (float32, CPU)."""
-    from diffusers import WanVACEPipeline
+    """The rollout pipeline of a world generator folder (float32, CPU): VACE for a
+    ``WanVACEPipeline`` folder (``models/wan_vace``), Phantom for a ``WanPipeline`` one
+    (``models/wan_phantom``)."""
+    from diffusers import DiffusionPipeline
 
+    from identity_grpo.pipelines.phantom import PhantomRolloutPipeline
     from identity_grpo.pipelines.vace import VaceRolloutPipeline
 
-    pipe = WanVACEPipeline.from_pretrained(model_dir)
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    return VaceRolloutPipeline(pipe)
+    return PhantomRolloutPipeline(pipe) if type(pipe).__name__ == "WanPipeline" else VaceRolloutPipeline(pipe)
 
 
 def _scenes(rng: np.random.Generator, identities, count: int, num_people: int, num_frames: int) -> list[Scene]:
