@@ -245,7 +245,8 @@ def test_committed_generator_follows_its_references_and_ode_and_sde_score_alike(
 def test_quick_build_writes_a_world_the_preset_can_load(tmp_path):
     """``scripts/build_tiny_world.py --quick``: the data set and both generators (VACE, Phantom)
     of the shipped architectures (a few training steps only), loadable by the rollout pipelines'
-    loader, the Phantom one sharing the VACE one's VAE and text encoder."""
+    loader, the Phantom one sharing the VACE one's VAE and text encoder; ``--only-phantom`` then
+    retrains the Phantom one to the same bytes."""
     import json
     import os
     import subprocess
@@ -254,9 +255,9 @@ def test_quick_build_writes_a_world_the_preset_can_load(tmp_path):
     from identity_grpo.world.generated_pairs import load_world_pipeline
 
     out = tmp_path / "world"
-    done = subprocess.run([sys.executable, str(WORLD.parents[1] / "scripts" / "build_tiny_world.py"), "--quick", str(out)],
-                          cwd=WORLD.parents[1], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORLD.parents[1])})
+    command = [sys.executable, str(WORLD.parents[1] / "scripts" / "build_tiny_world.py"), "--quick", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORLD.parents[1])}
+    done = subprocess.run(command, cwd=WORLD.parents[1], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     for split in ("train", "test"):
         assert (out / f"{split}.csv").read_text() == (WORLD / f"{split}.csv").read_text()
@@ -276,3 +277,23 @@ def test_quick_build_writes_a_world_the_preset_can_load(tmp_path):
                                              getattr(vace, part).state_dict().items(), strict=True):
             assert torch.equal(mine, theirs), (part, name)
     assert pipelines["wan_phantom"].scale_spatial == pipelines["wan_vace"].scale_spatial == 4
+    # --only-phantom, on the written world, trains the same Phantom weights as the full build did.
+    weights = out / "models" / "wan_phantom" / "transformer" / "diffusion_pytorch_model.safetensors"
+    first = weights.read_bytes()
+    again = subprocess.run([*command, "--only-phantom"], cwd=WORLD.parents[1], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert weights.read_bytes() == first
+
+
+def test_only_phantom_without_a_world_names_the_missing_generator(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(WORLD.parents[1] / "scripts" / "build_tiny_world.py"), "--only-phantom",
+                           str(tmp_path / "world")], cwd=WORLD.parents[1], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORLD.parents[1])})
+    assert done.returncode != 0
+    assert str(tmp_path / "world" / "models" / "wan_vace") in done.stderr and "build the whole world first" in done.stderr
+    assert not (tmp_path / "world" / "models" / "wan_phantom").exists()
