@@ -154,7 +154,6 @@ def tiny_world():
     return config
 
 
-
 def tiny_world_phantom():
     """``tiny_world`` on the world's Phantom generator (``models/wan_phantom``: the Wan T2V
     architecture with the references appended as latent frames, trained on the same scenes with
@@ -166,6 +165,7 @@ def tiny_world_phantom():
     config.pretrained.model = "dataset/tiny_world/models/wan_phantom"
     config.pretrained.phantom_dit = "dataset/tiny_world/models/wan_phantom"
     return config
+
 
 def phantom():
     """Phantom-Wan-1.3B with the same GRPO hyper-parameters and training sizes as ``vace``.
