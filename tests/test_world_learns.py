@@ -37,12 +37,15 @@ SIMPLE = CHEAP + ("--config.sample.sde_window_size=2",)
 NFT = CHEAP + ("--config.nft.num_timesteps=2",)
 # EvoID's self anchor at the paper's 0.2 holds this small model where it started (brightness
 # 0.383 -> 0.397 in 20 epochs, seed 0; 0.832 with it off; docs/tiny_world.md): a quarter of it here.
-EXTRA = {"nft": (), "evoid": ("--config.evoid.lambda_self=0.05",)}
+EVOID = NFT + ("--config.evoid.lambda_self=0.05",)
 # GRPO on the Phantom generator: every sampler step trained (no window) at lr 3e-3. With
 # SIMPLE's 2-step window at 5e-3 brightness rose with the sign flipped too (seed 0: 0.357 ->
 # 0.410; unflipped 0.480), and 32 videos an epoch left the flipped run barely lower (0.337);
 # docs/tiny_world.md.
 PHANTOM = tuple(flag for flag in CHEAP if "learning_rate" not in flag) + ("--config.train.learning_rate=3e-3",)
+# Brightness runs of the other objectives and of GRPO on the Phantom generator: name -> overrides
+# of preset tiny_world_<name>.
+BRIGHTNESS = {"nft": NFT, "evoid": EVOID, "phantom": PHANTOM}
 # Seeds also run with the objective's sign flipped.
 FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,), "phantom": (0,)}
 # A run must move its reward by at least this much (brightness lies in [0, 1], redness in [-1, 1]).
@@ -58,14 +61,11 @@ def runs() -> dict[str, tuple[str, dict, int, int, tuple[str, ...]]]:
         for seed in SEEDS:
             for sign in (1, -1):
                 table[f"grpo_{reward}_{seed}_{sign}"] = ("tiny_world", {reward: 1.0}, seed, sign, SIMPLE)
-    for algorithm in ("nft", "evoid"):
+    for name, overrides in BRIGHTNESS.items():
         for seed in SEEDS:
-            for sign in (1, -1) if seed in FLIPPED[algorithm] else (1,):
-                table[f"{algorithm}_brightness_{seed}_{sign}"] = (
-                    f"tiny_world_{algorithm}", {"brightness": 1.0}, seed, sign, NFT + EXTRA[algorithm])
-    for seed in SEEDS:  # GRPO on the Phantom generator
-        for sign in (1, -1) if seed in FLIPPED["phantom"] else (1,):
-            table[f"phantom_brightness_{seed}_{sign}"] = ("tiny_world_phantom", {"brightness": 1.0}, seed, sign, PHANTOM)
+            for sign in (1, -1) if seed in FLIPPED[name] else (1,):
+                table[f"{name}_brightness_{seed}_{sign}"] = (f"tiny_world_{name}", {"brightness": 1.0}, seed, sign,
+                                                             overrides)
     table["grpo_identity_0_1"] = ("tiny_world", {"world_identity_soft": 1.0, "world_identity": 0.0}, 0, 1, ())
     return table
 
