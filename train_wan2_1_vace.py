@@ -397,7 +397,7 @@ def train(config) -> dict:
         if config.eval_freq and epoch % config.eval_freq == 0:
             with ema_weights(ema, trainable), reward_models_on(**on_device):
                 means, rows = evaluate(pipeline, test_set, reward_fn, config, accelerator)
-            if first_eval is None:  # the "before" videos of the report's gallery
+            if first_eval is None and config.eval_videos:  # the "before" videos of the report's gallery
                 log_eval_videos(run_dir / "eval" / f"epoch_{epoch:05d}", rows, test_set, config.video_fps)
             first_eval = first_eval or means
             accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
@@ -449,7 +449,8 @@ def train(config) -> dict:
                           is_main_process=accelerator.is_main_process)
     with ema_weights(ema, trainable), reward_models_on(**on_device):
         means, rows = evaluate(pipeline, test_set, reward_fn, config, accelerator)
-    log_eval_videos(run_dir / "eval" / f"epoch_{config.num_epochs:05d}", rows, test_set, config.video_fps)
+    if config.eval_videos:
+        log_eval_videos(run_dir / "eval" / f"epoch_{config.num_epochs:05d}", rows, test_set, config.video_fps)
     accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=global_step)
     summary = {"run_dir": str(run_dir), "eval_before": first_eval, "eval_after": means, "lora_checksums": checksums,
                # Epochs whose update had nothing to learn from (warned about when they ran).

@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (tensorboard: a frame-grid image; wandb: the videos) (0 disables).
     config.log_videos_freq = 10
     config.log_videos_count = 4
+    # Write the first and the final evaluation's videos (mp4 with their references and rewards)
+    # to <run>/eval/epoch_<n>/: the report's gallery and before_after.png read them. False (needs
+    # report=False) keeps only the logged means, for runs compared by their numbers alone.
+    config.eval_videos = True
     # At the end of a run (train and test scripts), write <run>/report.html: reward curves, the
     # before/after video gallery with references and scores, the config (docs/report.md).
     config.report = True

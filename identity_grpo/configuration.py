@@ -99,6 +99,9 @@ def validate_config(config, num_processes: int = 1, *, training: bool = True, ch
         )
     if sample.num_image_per_prompt < 2:
         errors.append("sample.num_image_per_prompt must be >= 2: advantages compare the members of a group")
+    if training and config.report and not config.eval_videos:
+        errors.append("eval_videos=False writes no evaluation videos, which report=True shows; set report=False "
+                      "too, or keep eval_videos=True")
     for prefix in ("", "eval_"):
         height, width, frames = config[prefix + "height"], config[prefix + "width"], config[prefix + "frames"]
         if height % 16 or width % 16:

@@ -31,6 +31,7 @@ def test_presets_are_valid(preset):
         ("train.ema_decay", 1.0, "ema_decay"),
         ("train.ema_update_interval", 0, "ema_update_interval"),
         ("reward_model.fps", 0.0, "reward_model.fps"),
+        ("eval_videos", False, "eval_videos=False writes no evaluation videos, which report=True shows"),
     ],
 )
 def test_impossible_settings_name_the_field(field, value, message):

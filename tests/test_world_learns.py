@@ -74,7 +74,9 @@ def command(logdir: Path, preset: str, reward: dict, seed: int, sign: int, overr
     return [
         sys.executable, str(ROOT / "train_wan2_1_vace.py"), "--config", f"{ROOT / 'config' / 'dgx.py'}:{preset}",
         f"--config.logdir={logdir}", f"--config.seed={seed}", f"--config.train.advantage_sign={sign}",
-        "--config.tracker=", "--config.report=False", f"--config.reward_fn={reward!r}", *overrides,
+        # Compared by their numbers alone: no report, no evaluation or rollout videos.
+        "--config.tracker=", "--config.report=False", "--config.eval_videos=False", "--config.log_videos_freq=0",
+        f"--config.reward_fn={reward!r}", *overrides,
     ]
 
 
@@ -103,6 +105,7 @@ def summaries(tmp_path_factory) -> dict[str, dict]:
             output = (root / f"{name}.log").read_text()
             assert process.returncode == 0, f"{name}:\n{output[-3000:]}"
             (path,) = (root / name).glob("*/summary.json")
+            assert not list(path.parent.glob("eval/*")), f"{name}: eval_videos=False wrote {path.parent / 'eval'}"
             results[name] = json.loads(path.read_text())
     return results
 

@@ -110,6 +110,10 @@ class WorldRewardSettings:
     vision_learning_rate: float = 1e-3
     batch_size: int = 8
     num_epochs: int = 3
+    # Steps (of 16 drawn samples) of captioning before the preference training
+    # (identity_grpo.world.reward_pretraining): the toy counterpart of a pretrained backbone. 0: none.
+    caption_steps: int = 0
+    caption_learning_rate: float = 1e-3
 
     @property
     def eval_theta(self) -> float:
@@ -161,13 +165,22 @@ def add_generated_pairs(root: Path, generator_dir: str | Path, settings: WorldRe
 
 
 def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
-    """Write the random starting model (standard layout) to ``folder``."""
+    """Write the starting model (standard layout) to ``folder``: random, then captioning-pretrained
+    for ``settings.caption_steps`` steps on the training identities."""
     from vace_reward.testing import build_tiny_reward_model
 
     model, processor = build_tiny_reward_model(
         seed=settings.seed, num_frames=settings.num_frames, min_pixels=settings.pixels, max_pixels=settings.pixels,
         text_sizes=settings.text_sizes, vision_sizes=settings.vision_sizes)
     model.config = dataclasses.replace(model.config, instruction=WORLD_INSTRUCTION, system_prompt=WORLD_SYSTEM_PROMPT)
+    if settings.caption_steps > 0:
+        from identity_grpo.world.reward_pretraining import caption_accuracy, pretrain_backbone
+
+        train_identities, _ = split_identities()
+        losses = pretrain_backbone(model, processor, train_identities, steps=settings.caption_steps,
+                                   learning_rate=settings.caption_learning_rate, seed=settings.seed)
+        accuracy = caption_accuracy(model, processor, train_identities, seed=settings.seed + 1000)
+        logger.info("captioning: loss %.3f -> %.3f, held-out token accuracy %s", losses[0], losses[-1], accuracy)
     model.save_pretrained(folder, processor=processor)
     return folder
 
