@@ -197,11 +197,12 @@ def test_generated_pairs_join_the_drawn_ones_in_the_trainers_format(tmp_path):
 
 
 # ---------------------------------------------------------------------- training
-def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path):
+@pytest.mark.parametrize("caption_steps", [0, 3])
+def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path, caption_steps):
     # A memorisable set (the first 10 decisive pairs; ties are filtered out by train_kinds), one
-    # full batch a step: the real build path (preference set -> random model -> train_reward ->
-    # held-out evaluation -> out_dir) runs, its training loss falls, and the folder it leaves
-    # scores videos with the instruction it was trained with.
+    # full batch a step: the real build path (preference set -> random model [-> captioning] ->
+    # train_reward -> held-out evaluation -> out_dir) runs, its training loss falls, and the
+    # folder it leaves scores videos with the instruction it was trained with.
     import json
 
     from identity_grpo.world.reward import (
@@ -213,7 +214,8 @@ def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path):
     from vace_reward.model import IdentityRewardModel
 
     settings = WorldRewardSettings(num_train_pairs=14, num_eval_pairs=7, batch_size=10, num_epochs=8,
-                                   learning_rate=3e-3, head_learning_rate=3e-3, vision_learning_rate=3e-3)
+                                   learning_rate=3e-3, head_learning_rate=3e-3, vision_learning_rate=3e-3,
+                                   caption_steps=caption_steps)
     out_dir = tmp_path / "world_reward"
     summary = build_world_reward_model(out_dir, seed=0, settings=settings)
     losses = [json.loads(line)["train/loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()
@@ -222,6 +224,11 @@ def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
     saved = json.loads((out_dir / SUMMARY_NAME).read_text())
     assert saved["held_out"]["num_pairs"] == 7 and saved["settings"]["loss"] == "bt"
+    # The captioning's record: a loss at the start and one after its single window of 3 steps.
+    assert ("captioning" in saved) == bool(caption_steps)
+    if caption_steps:
+        assert len(saved["captioning"]["losses"]) == 2
+        assert set(saved["captioning"]["held_out_attribute_accuracy"]) == {"picture", "video"}
     assert set(summary["held_out"]) >= {"swap/accuracy", "distortion/accuracy", "tie/accuracy"}
     model, _ = IdentityRewardModel.from_pretrained(out_dir)
     assert model.config.instruction == WORLD_INSTRUCTION and model.config.num_frames == settings.num_frames

@@ -8,7 +8,8 @@ reward model (:func:`vace_reward.testing.build_tiny_reward_model` with the sizes
 model, in the standard layout, at ``out_dir`` (what ``config.pretrained.reward_model`` takes),
 with ``world_reward.json`` beside its weights: the settings and the held-out accuracies.
 
-Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0] [--generator WAN_VACE_DIR]``.
+Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0] [--generator WAN_VACE_DIR]
+[--caption-steps N]``.
 """
 
 from __future__ import annotations
@@ -164,15 +165,17 @@ def add_generated_pairs(root: Path, generator_dir: str | Path, settings: WorldRe
     return write_pairs(root, "gen_train", train), write_pairs(root, "gen_eval", held_out)
 
 
-def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
+def init_reward_model(folder: Path, settings: WorldRewardSettings) -> dict:
     """Write the starting model (standard layout) to ``folder``: random, then captioning-pretrained
-    for ``settings.caption_steps`` steps on the training identities."""
+    for ``settings.caption_steps`` steps on the training identities. Returns the captioning's
+    losses and held-out attribute accuracies (empty without captioning)."""
     from vace_reward.testing import build_tiny_reward_model
 
     model, processor = build_tiny_reward_model(
         seed=settings.seed, num_frames=settings.num_frames, min_pixels=settings.pixels, max_pixels=settings.pixels,
         text_sizes=settings.text_sizes, vision_sizes=settings.vision_sizes)
     model.config = dataclasses.replace(model.config, instruction=WORLD_INSTRUCTION, system_prompt=WORLD_SYSTEM_PROMPT)
+    captioning = {}
     if settings.caption_steps > 0:
         from identity_grpo.world.reward_pretraining import caption_accuracy, pretrain_backbone
 
@@ -180,9 +183,11 @@ def init_reward_model(folder: Path, settings: WorldRewardSettings) -> Path:
         losses = pretrain_backbone(model, processor, train_identities, steps=settings.caption_steps,
                                    learning_rate=settings.caption_learning_rate, seed=settings.seed)
         accuracy = caption_accuracy(model, processor, train_identities, seed=settings.seed + 1000)
-        logger.info("captioning: loss %.3f -> %.3f, held-out token accuracy %s", losses[0], losses[-1], accuracy)
+        captioning = {"losses": losses, "held_out_attribute_accuracy": accuracy}
+        logger.info("captioning: loss %.3f -> %.3f, held-out attribute words right: %s", losses[0], losses[-1],
+                    accuracy)
     model.save_pretrained(folder, processor=processor)
-    return folder
+    return captioning
 
 
 def train_arguments(settings: WorldRewardSettings, train_csv: Path, eval_csv: Path, init: Path,
@@ -276,12 +281,14 @@ def build_world_reward_model(out_dir: str | os.PathLike, seed: int = 0,
             eval_csv = concatenate_csvs(data.root / "eval_all.csv", eval_csv, generated_eval)
         data_seconds = time.time() - start
         logger.info("wrote the preference pairs (%.0f s)", data_seconds)
-        init = init_reward_model(scratch / "init", settings)
+        init = scratch / "init"
+        captioning = init_reward_model(init, settings)
         run = scratch / "run"
         train_metrics = train(parse_args(train_arguments(settings, train_csv, eval_csv, init, run)))
         held_out = evaluate_world_reward(run / "final", eval_csv, settings.eval_theta)
         summary = {
             "settings": dataclasses.asdict(settings),
+            **({"captioning": captioning} if captioning else {}),
             "train_eval": train_metrics,
             "held_out": held_out,
             "data_seconds": round(data_seconds, 1),
@@ -310,9 +317,15 @@ def main() -> None:
     parser.add_argument("--generator", default=None,
                         help="the world generator folder (e.g. dataset/tiny_world/models/wan_vace): also train on "
                              "pairs of its own samples; without it, drawn pairs only")
+    parser.add_argument("--caption-steps", type=int, default=WorldRewardSettings.caption_steps,
+                        help="steps of captioning pretraining of the backbone before the preference training "
+                             "(identity_grpo.world.reward_pretraining; 0: none, the shipped recipe)")
     args = parser.parse_args()
+    if args.caption_steps < 0:
+        parser.error(f"--caption-steps must be >= 0, got {args.caption_steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = build_world_reward_model(args.out_dir, seed=args.seed, generator_dir=args.generator)
+    settings = WorldRewardSettings(caption_steps=args.caption_steps)
+    summary = build_world_reward_model(args.out_dir, seed=args.seed, settings=settings, generator_dir=args.generator)
     print(json.dumps(summary["held_out"], indent=2))
 
 
