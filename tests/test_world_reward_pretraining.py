@@ -65,6 +65,24 @@ def test_labels_are_exactly_each_captions_tokens_in_a_padded_batch():
         assert int(positions[-1]) == int(batch["attention_mask"][row].nonzero().max())
 
 
+def test_caption_segments_are_the_caption_and_tokenize_into_its_tokens():
+    from identity_grpo.world.reward_pretraining import caption_segments, draw_scene_and_references
+
+    _, processor = _world_model()
+    tokenizer = processor.tokenizer
+    identities, _ = split_identities()
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        scene, references = draw_scene_and_references(rng, identities)
+        segments = caption_segments(scene, references)
+        text = caption(scene, references) + "<|im_end|>"
+        assert "".join(piece for piece, _ in segments) == text
+        pieces = [token for piece, _ in segments for token in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+        assert pieces == tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Three attribute words per person: the pictures' and the video's.
+        assert [part for _, part in segments if part] == ["picture"] * 3 * len(references) + ["video"] * 3 * len(scene.people)
+
+
 def test_a_short_captioning_run_learns_the_captions_form():
     # 60 steps of 8 learn where each word goes (attribute accuracy from 0 to about chance, 1/3);
     # reading the attributes takes longer: the build's 1500 steps of 16 reach 0.96 on the video's

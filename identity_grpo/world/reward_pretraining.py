@@ -18,6 +18,7 @@ not touched; the captioning only changes where the preference training starts fr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def describe(identity: Identity) -> str:
+    """The three words a caption says of a person: skin, hair colour, hair style."""
     return f"{identity.skin} {identity.hair} {identity.style}"
 
 
@@ -40,7 +42,10 @@ def caption(scene: Scene, references: list[Identity]) -> str:
     return f"{pictures} video: {', '.join(describe(person) for person in scene.people)}."
 
 
-def _draw(rng: np.random.Generator, identities, num_frames: int = 5) -> tuple[Scene, list[Identity]]:
+def draw_scene_and_references(rng: np.random.Generator, identities,
+                              num_frames: int = 5) -> tuple[Scene, list[Identity]]:
+    """A random scene and its references: its own people with probability 1/2, else 1 or 2 other,
+    independently drawn people."""
     scene = sample_scene(rng, identities, num_frames)
     if rng.random() < 0.5:
         return scene, list(scene.people)
@@ -48,7 +53,8 @@ def _draw(rng: np.random.Generator, identities, num_frames: int = 5) -> tuple[Sc
     return scene, [identities[i] for i in rng.choice(len(identities), size=count, replace=False)]
 
 
-def _sample(scene: Scene, references: list[Identity], num_frames: int = 5, size: int = 32):
+def render_sample(scene: Scene, references: list[Identity], num_frames: int = 5, size: int = 32):
+    """``(video (F, H, W, 3) uint8, reference images, prompt, caption)`` of a scene and references."""
     return (render_video(scene, size, num_frames), [render_reference(person) for person in references],
             scene.prompt, caption(scene, references))
 
@@ -56,7 +62,7 @@ def _sample(scene: Scene, references: list[Identity], num_frames: int = 5, size:
 def captioning_sample(rng: np.random.Generator, identities, num_frames: int = 5, size: int = 32):
     """``(video (F, H, W, 3) uint8, reference images, prompt, caption)``: a drawn scene, and with
     probability 1/2 references of other, independently drawn people (1 or 2 of them)."""
-    return _sample(*_draw(rng, identities, num_frames), num_frames, size)
+    return render_sample(*draw_scene_and_references(rng, identities, num_frames), num_frames, size)
 
 
 def captioning_batch(scorer, samples, end_token: str = "<|im_end|>") -> dict[str, torch.Tensor]:
@@ -69,8 +75,7 @@ def captioning_batch(scorer, samples, end_token: str = "<|im_end|>") -> dict[str
         sample = scorer.prepare(scorer.sample_frames(torch.from_numpy(video), fps=16.0), references, prompt)
         answer = text + end_token
         caption_lengths.append(len(tokenizer(answer, add_special_tokens=False)["input_ids"]))
-        prepared.append(type(sample)(text=sample.text + answer, images=sample.images, video=sample.video,
-                                     video_metadata=sample.video_metadata))
+        prepared.append(dataclasses.replace(sample, text=sample.text + answer))
     batch = scorer.process(prepared)
     labels = torch.full_like(batch["input_ids"], -100)
     for row, length in enumerate(caption_lengths):
@@ -82,7 +87,8 @@ def captioning_batch(scorer, samples, end_token: str = "<|im_end|>") -> dict[str
 
 def caption_segments(scene: Scene, references: list[Identity]) -> list[tuple[str, str]]:
     """:func:`caption` (and the closing token) cut into ``(text, part)`` pieces at word boundaries,
-    ``part`` naming what a piece says: "picture" / "video" for an attribute word, "" otherwise."""
+    ``part`` naming what a piece says: "picture" / "video" for an attribute word, "" otherwise.
+    The pieces tokenize separately into the caption's own tokens (tested)."""
     segments = []
     for index, person in enumerate(references):
         segments += [(f"{' ' if index else ''}picture {index + 1}:", "")]
@@ -110,12 +116,13 @@ def caption_accuracy(model, processor, identities, *, num_samples: int = 128, se
     for start in range(0, num_samples, batch_size):
         drawn = []
         for _ in range(min(batch_size, num_samples - start)):
-            scene, references = _draw(rng, identities)
-            drawn.append((scene, references, _sample(scene, references)))
+            scene, references = draw_scene_and_references(rng, identities)
+            drawn.append((scene, references, render_sample(scene, references)))
         batch = captioning_batch(scorer, [sample for _, _, sample in drawn])
         labels = batch.pop("labels")
         hits = (model.backbone(**batch, use_cache=False).logits.argmax(-1)[:, :-1] == labels[:, 1:])
         for row, (scene, references, _) in enumerate(drawn):
+            # hits[row, i] says whether token i + 1 was predicted; start at the caption's first.
             position = int((labels[row, 1:] != -100).nonzero().min())
             for text, part in caption_segments(scene, references):
                 length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -123,8 +130,6 @@ def caption_accuracy(model, processor, identities, *, num_samples: int = 128, se
                     right[part] += int(hits[row, position:position + length].all())
                     total[part] += 1
                 position += length
-            if position != int(labels[row].ne(-100).sum()) + int((labels[row, 1:] != -100).nonzero().min()):
-                raise AssertionError("caption segments do not tokenize like the caption")
     return {part: right[part] / total[part] for part in right}
 
 
