@@ -210,35 +210,20 @@ def test_committed_generator_follows_its_references_and_ode_and_sde_score_alike(
     (evaluation: the scheduler's UniPC) and the training SDE (noise level 0.7) score alike.
     Smaller samples than these mislead: 24 scenes and one seed gave 0.57 vs 0.41 (VACE)."""
     from identity_grpo.pipelines.vace import SDEConfig
+    from identity_grpo.world.following import held_out_scenes, mean_identity
     from identity_grpo.world.generated_pairs import load_world_pipeline
 
     pipeline = load_world_pipeline(WORLD / "models" / generator)
-    references = {identity.name: render_reference(identity) for identity in IDENTITIES}
-    drawn = scenes(123, 400)
-
-    def mean_score(chosen, seeds=(0, 1), shift=0, **sampler):
-        scores = []
-        for seed in seeds:
-            _, videos = pipeline([scene.prompt for scene in chosen],
-                                 [[references[person.name] for person in scene.people] for scene in chosen],
-                                 height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=8, guidance_scale=1.0,
-                                 max_sequence_length=16, generator=torch.Generator().manual_seed(seed), **sampler)
-            # shift > 0 scores against other people: a fixed shift through the 24, never the referenced one.
-            scores += [identity_score(video, [IDENTITIES[(IDENTITIES.index(person) + shift) % 24] for person in scene.people])
-                       for video, scene in zip(videos.numpy(), chosen)]
-        return float(np.mean(scores))
-
-    one = [scene for scene in drawn if len(scene.people) == 1][:96]
-    two = [scene for scene in drawn if len(scene.people) == 2][:96]
-    measured = {}
-    for name, chosen in (("one", one), ("two", two)):
-        measured[name] = (mean_score(chosen, sde_steps=[]), mean_score(chosen, sde=SDEConfig(noise_level=0.7)))
+    chosen = held_out_scenes()
+    measured = {kind: (mean_identity(pipeline, scenes, sde_steps=[]),
+                       mean_identity(pipeline, scenes, sde=SDEConfig(noise_level=0.7)))
+                for kind, scenes in chosen.items()}
     (one_ode, one_sde), (two_ode, two_sde) = measured["one"], measured["two"]
     one_bound, two_bound = FOLLOWS[generator]
     assert one_ode > one_bound and one_sde > one_bound, measured
     assert two_ode > two_bound and two_sde > two_bound, measured
     assert abs(one_ode - one_sde) < 0.08 and abs(two_ode - two_sde) < 0.08, measured
-    others = mean_score(one[:48], seeds=(0,), shift=7, sde_steps=[])
+    others = mean_identity(pipeline, chosen["one"][:48], seeds=(0,), shift=7, sde_steps=[])
     assert others < 0.1, others
 
 
