@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from identity_grpo.world.identity import identity_score
-from identity_grpo.world.render import IDENTITIES, render_reference, sample_scene
+from identity_grpo.world.render import IDENTITIES, sample_scene
 
-SIZE, FRAMES, STEPS = 32, 5, 8
+SIZE, FRAMES = 32, 5
 SCENE_SEED = 123
 
 
@@ -42,17 +42,14 @@ def mean_identity(pipeline, scenes, seeds=(0, 1), shift: int = 0, **sampler) -> 
     ``sampler`` goes to the pipeline (``sde_steps=[]``: the deterministic sampler; ``sde=...``: the
     training SDE). ``shift > 0`` scores against other people (a fixed shift through the 24, never
     the referenced one): chance level."""
-    references = {identity.name: render_reference(identity) for identity in IDENTITIES}
+    from identity_grpo.world.generated_pairs import sample_world_videos
+
     scores = []
     for seed in seeds:
-        _, videos = pipeline([scene.prompt for scene in scenes],
-                             [[references[person.name] for person in scene.people] for scene in scenes],
-                             height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=STEPS,
-                             guidance_scale=1.0, max_sequence_length=16,
-                             generator=torch.Generator().manual_seed(seed), **sampler)
+        videos = sample_world_videos(pipeline, scenes, seed, size=SIZE, num_frames=FRAMES, **sampler)
         scores += [identity_score(video, [IDENTITIES[(IDENTITIES.index(person) + shift) % len(IDENTITIES)]
                                           for person in scene.people])
-                   for video, scene in zip(videos.numpy(), scenes)]
+                   for video, scene in zip(videos, scenes)]
     return float(np.mean(scores))
 
 

@@ -54,6 +54,21 @@ def load_world_pipeline(model_dir: str | Path):
     return PhantomRolloutPipeline(pipe) if type(pipe).__name__ == "WanPipeline" else VaceRolloutPipeline(pipe)
 
 
+def sample_world_videos(pipeline, scenes: list[Scene], noise_seed: int, *, size: int = 32, num_frames: int = 5,
+                        **sampler) -> np.ndarray:
+    """``(N, F, H, W, 3)`` uint8 videos of ``scenes`` from a world pipeline, each from its people's
+    portraits, at the world's sampling settings (8 steps, no guidance). ``sampler`` goes to the
+    pipeline: ``sde=SDEConfig(...)`` for the training SDE, ``sde_steps=[]`` for the deterministic
+    sampler."""
+    references = {person.name: render_reference(person) for scene in scenes for person in scene.people}
+    _, videos = pipeline([scene.prompt for scene in scenes],
+                         [[references[person.name] for person in scene.people] for scene in scenes],
+                         height=size, width=size, num_frames=num_frames, num_inference_steps=NUM_STEPS,
+                         guidance_scale=1.0, max_sequence_length=16,
+                         generator=torch.Generator().manual_seed(noise_seed), **sampler)
+    return videos.numpy()
+
+
 def _scenes(rng: np.random.Generator, identities, count: int, num_people: int, num_frames: int) -> list[Scene]:
     scenes = []
     while len(scenes) < count:
@@ -75,15 +90,10 @@ def generated_pairs(pipeline, num_scenes: int, seed: int, identities=IDENTITIES,
     """``WorldPair``s from ``num_scenes`` scenes over ``identities`` (see the module docstring);
     deterministic in ``seed``. Returns the pairs in scene order."""
     rng = np.random.default_rng(seed)
-    references = {identity.name: render_reference(identity) for identity in IDENTITIES}
 
     def sample(scenes: list[Scene], noise_seed: int) -> np.ndarray:
-        _, videos = pipeline([scene.prompt for scene in scenes],
-                             [[references[person.name] for person in scene.people] for scene in scenes],
-                             height=size, width=size, num_frames=num_frames, num_inference_steps=NUM_STEPS,
-                             guidance_scale=1.0, max_sequence_length=16, sde=SDEConfig(noise_level=NOISE_LEVEL),
-                             generator=torch.Generator().manual_seed(noise_seed))
-        return videos.numpy()
+        return sample_world_videos(pipeline, scenes, noise_seed, size=size, num_frames=num_frames,
+                                   sde=SDEConfig(noise_level=NOISE_LEVEL))
 
     pairs = []
     for batch_index, start in enumerate(range(0, num_scenes, batch_size)):
