@@ -269,6 +269,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Reward name -> weight; the weighted sum is the GRPO reward. See identity_grpo/rewards.
     # A weight of 0 scores and logs a reward without optimising it.
     config.reward_fn = ml_collections.ConfigDict({"identity": 1.0})
+    # Your own rewards: Python files (paths) or importable modules, comma-separated, imported
+    # before the rewards are checked or built so that their @register(...) factories join the
+    # registry, e.g. "my_rewards.py" (README, "Rewards").
+    config.reward_modules = ""
     # How rewards combine (docs/rewards.md): mode "sum" (weighted sum above), "idcrafter" or
     # "evoid"; level "reward" (combine, then normalise in groups) or "advantage" (normalise each
     # reward in its groups, then combine).

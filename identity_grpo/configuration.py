@@ -285,10 +285,14 @@ def _field_range_errors(config, training: bool) -> list[str]:
 def _reward_weight_errors(config) -> list[str]:
     """Unknown or unavailable reward names (from the registry, nothing is built) and weights that
     leave nothing to learn."""
-    from identity_grpo.rewards import unknown_reward_error
+    from identity_grpo.rewards import import_reward_modules, unknown_reward_error
 
     weights = dict(config.reward_fn)
     errors = []
+    try:
+        import_reward_modules(getattr(config, "reward_modules", ""))
+    except ValueError as error:
+        errors.append(str(error))
     if weights and (error := unknown_reward_error(weights)):
         errors.append(error)
     numbers = [w for w in weights.values() if _is_number(w)]

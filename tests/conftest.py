@@ -42,3 +42,22 @@ def train_subprocess(tiny_vace_dir):
         return run_dir
 
     return run
+
+
+def _world_learning_modules(session) -> set:
+    return {item.module for item in session.items
+            if getattr(item, "module", None) is not None and item.module.__name__.endswith("test_world_learns")}
+
+
+def pytest_collection_finish(session):
+    """Start the tiny world's learning runs (tests/test_world_learns.py, about 25 CPU-minutes) in
+    the background as soon as a test of theirs is selected, so they overlap the rest of the suite."""
+    if session.config.option.collectonly:
+        return
+    for module in _world_learning_modules(session):
+        module.BACKGROUND.start()
+
+
+def pytest_sessionfinish(session):
+    for module in _world_learning_modules(session):
+        module.BACKGROUND.stop()

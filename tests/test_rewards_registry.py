@@ -175,3 +175,50 @@ def test_identity_reward_ensemble_is_the_mean_of_its_members(tmp_path):
     torch.testing.assert_close(ensemble["identity"], (alone[0] + alone[1]) / 2)
     torch.testing.assert_close(ensemble["identity/model0"], alone[0])
     torch.testing.assert_close(ensemble["identity/model1"], alone[1])
+
+
+def test_reward_modules_add_a_users_reward_file_to_the_registry(tmp_path):
+    """``config.reward_modules``: a user's own file registers a reward that the config check and
+    build_reward_fn then know; importing it again (check, then build) registers nothing twice."""
+    from config.dgx import get_config
+    from identity_grpo.configuration import validate_config
+
+    name = "_test_user_contrast"
+    path = tmp_path / "my_rewards.py"
+    path.write_text(
+        "import torch\n"
+        "from identity_grpo.rewards import register\n\n"
+        f"@register({name!r})\n"
+        "def contrast(config, device):\n"
+        "    def fn(inputs):\n"
+        "        grey = inputs.frames.float().mean(dim=-1) / 255.0  # (B, F, H, W)\n"
+        f"        return {{{name!r}: grey.flatten(2).std(dim=-1).mean(dim=1)}}\n"
+        "    return fn\n")
+    config = get_config("tiny")
+    config.reward_fn = {name: 1.0}
+    with pytest.raises(ValueError, match=name):  # unknown without the module
+        validate_config(config)
+    config.reward_modules = str(path)
+    try:
+        validate_config(config)
+        reward_fn = build_reward_fn(config, torch.device("cpu"))
+        # One frame, half black and half white: every pixel 0.5 from the mean grey 0.5.
+        frames = torch.zeros(2, 1, 8, 8, 3, dtype=torch.uint8)
+        frames[0, :, :, 4:] = 255
+        scores, _ = reward_fn(_inputs(frames))
+        assert scores[name].tolist() == pytest.approx([0.5 * (64 / 63) ** 0.5, 0.0], abs=1e-6)
+    finally:
+        REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize("entry", ["does/not/exist.py", "no_such_module_for_rewards"])
+def test_reward_modules_that_do_not_import_name_the_field_and_the_entry(entry):
+    from config.dgx import get_config
+    from identity_grpo.configuration import validate_config
+
+    config = get_config("tiny")
+    config.reward_modules = f"  {entry} , "
+    with pytest.raises(ValueError, match="config.reward_modules: could not import " + repr(entry)):
+        validate_config(config)
+    with pytest.raises(ValueError, match="config.reward_modules"):
+        build_reward_fn(config, torch.device("cpu"))

@@ -6,18 +6,25 @@
 - DiffusionNFT and EvoID raise one of them for every seed tried and lower it with the sign flipped
   (one seed each: the flip is the same code path for every seed);
 - so does GRPO on the world's Phantom generator (``tiny_world_phantom``);
+- so does GRPO, with the ``tiny_world_reward`` preset, on a reward registered from a file of one's
+  own (``tests/user_rewards.py``: contrast), as a user would add one;
 - GRPO on the world's identity reward raises the identity check on the held-out test rows.
 
-All runs are started up front and run two at a time (the machine has two cores); each test
-then reads its runs' summaries. Measured numbers of these runs: docs/tiny_world.md.
+The runs start in the background as soon as collection selects a test of this module
+(``pytest_collection_finish`` in conftest.py), two at a time, so their CPU-minutes overlap the
+rest of the suite; each test then waits for its runs' summaries. Measured numbers of these runs:
+docs/tiny_world.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,8 +53,11 @@ PHANTOM = tuple(flag for flag in CHEAP if "learning_rate" not in flag) + ("--con
 # Brightness runs of the other objectives and of GRPO on the Phantom generator: name -> overrides
 # of preset tiny_world_<name>.
 BRIGHTNESS = {"nft": NFT, "evoid": EVOID, "phantom": PHANTOM}
+# A reward no test of the project's rewards covers, registered from a file of one's own
+# (tests/user_rewards.py), trained with the preset for such rewards (tiny_world_reward).
+OWN = ("contrast", "tiny_world_reward", (f"--config.reward_modules={ROOT / 'tests' / 'user_rewards.py'}",))
 # Seeds also run with the objective's sign flipped.
-FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,), "phantom": (0,)}
+FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,), "phantom": (0,), "own": (0,)}
 # A run must move its reward by at least this much (brightness lies in [0, 1], redness in [-1, 1]).
 MARGIN = 0.02
 
@@ -66,6 +76,10 @@ def runs() -> dict[str, tuple[str, dict, int, int, tuple[str, ...]]]:
             for sign in (1, -1) if seed in FLIPPED[name] else (1,):
                 table[f"{name}_brightness_{seed}_{sign}"] = (f"tiny_world_{name}", {"brightness": 1.0}, seed, sign,
                                                              overrides)
+    reward, preset, overrides = OWN
+    for seed in SEEDS:
+        for sign in (1, -1) if seed in FLIPPED["own"] else (1,):
+            table[f"own_{reward}_{seed}_{sign}"] = (preset, {reward: 1.0}, seed, sign, overrides)
     table["grpo_identity_0_1"] = ("tiny_world", {"world_identity_soft": 1.0, "world_identity": 0.0}, 0, 1, ())
     return table
 
@@ -80,34 +94,87 @@ def command(logdir: Path, preset: str, reward: dict, seed: int, sign: int, overr
     ]
 
 
+class BackgroundRuns:
+    """Every run of :func:`runs` in subprocesses, ``parallel`` at a time (the slowest, the identity
+    run, first), driven by a thread so that the runs go on while other tests do."""
+
+    def __init__(self, parallel: int = 2):
+        self.parallel = parallel
+        self.root: Path | None = None
+        self.thread: threading.Thread | None = None
+        self.active: dict[str, subprocess.Popen] = {}
+        self.results: dict[str, dict] = {}
+        self.failures: list[str] = []
+        self.stopping = False
+
+    def start(self) -> None:
+        if self.thread is not None:
+            return
+        self.root = Path(tempfile.mkdtemp(prefix="world_runs_"))
+        self.thread = threading.Thread(target=self._run_all, name="world-runs", daemon=True)
+        self.thread.start()
+
+    def _run_all(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        pending = sorted(runs().items(), key=lambda item: not item[0].startswith("grpo_identity"))
+        logs = {}
+        while (pending or self.active) and not self.stopping:
+            while pending and len(self.active) < self.parallel:
+                name, spec = pending.pop(0)
+                logs[name] = open(self.root / f"{name}.log", "w")
+                self.active[name] = subprocess.Popen(command(self.root / name, *spec), cwd=ROOT, stdout=logs[name],
+                                                     stderr=subprocess.STDOUT, env=env)
+            time.sleep(1)
+            for name, process in list(self.active.items()):
+                if process.poll() is None:
+                    continue
+                logs.pop(name).close()
+                del self.active[name]
+                self._collect(name, process.returncode)
+
+    def _collect(self, name: str, returncode: int) -> None:
+        output = (self.root / f"{name}.log").read_text()
+        if returncode != 0:
+            self.failures.append(f"{name} (exit {returncode}):\n{output[-3000:]}")
+            return
+        paths = list((self.root / name).glob("*/summary.json"))
+        if len(paths) != 1:
+            self.failures.append(f"{name}: {len(paths)} summary.json files under {self.root / name}, expected 1")
+            return
+        path = paths[0]
+        if list(path.parent.glob("eval/*")):
+            self.failures.append(f"{name}: eval_videos=False wrote {path.parent / 'eval'}")
+        self.results[name] = json.loads(path.read_text())
+
+    def wait(self) -> dict[str, dict]:
+        """Every run's summary, once all have ended; fails naming the runs that did not succeed."""
+        self.start()
+        self.thread.join()
+        if self.failures:
+            pytest.fail(f"{len(self.failures)} world run(s) failed (logs in {self.root}):\n" + "\n".join(self.failures),
+                        pytrace=False)
+        return self.results
+
+    def stop(self) -> None:
+        """End the session's runs: kill those still going; remove the folder if every run succeeded."""
+        self.stopping = True
+        if self.thread is not None:
+            self.thread.join()  # within a second: the thread starts nothing once stopping is set
+        for process in self.active.values():
+            process.kill()
+            process.wait()
+        if self.root is not None and not self.failures:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+BACKGROUND = BackgroundRuns()
+
+
 @pytest.fixture(scope="module")
-def summaries(tmp_path_factory) -> dict[str, dict]:
-    """Every run of :func:`runs`, two at a time (the slowest, the identity run, first)."""
+def summaries() -> dict[str, dict]:
     if not (WORLD / "models" / "wan_vace" / "model_index.json").is_file():
         pytest.fail("the tiny world is missing: dataset/tiny_world/models/wan_vace (python scripts/build_tiny_world.py)")
-    root = tmp_path_factory.mktemp("world_runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    pending = sorted(runs().items(), key=lambda item: not item[0].startswith("grpo_identity"))
-    active, results = {}, {}
-    while pending or active:
-        while pending and len(active) < 2:
-            name, spec = pending.pop(0)
-            log = open(root / f"{name}.log", "w")
-            process = subprocess.Popen(command(root / name, *spec), cwd=ROOT,
-                                       stdout=log, stderr=subprocess.STDOUT, env=env)
-            active[name] = (process, log)
-        time.sleep(1)
-        for name, (process, log) in list(active.items()):
-            if process.poll() is None:
-                continue
-            log.close()
-            del active[name]
-            output = (root / f"{name}.log").read_text()
-            assert process.returncode == 0, f"{name}:\n{output[-3000:]}"
-            (path,) = (root / name).glob("*/summary.json")
-            assert not list(path.parent.glob("eval/*")), f"{name}: eval_videos=False wrote {path.parent / 'eval'}"
-            results[name] = json.loads(path.read_text())
-    return results
+    return BACKGROUND.wait()
 
 
 def change(summary: dict, key: str) -> tuple[float, float]:
@@ -115,7 +182,8 @@ def change(summary: dict, key: str) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("algorithm, reward", [("grpo", "brightness"), ("grpo", "redness"), ("nft", "brightness"),
-                                               ("evoid", "brightness"), ("phantom", "brightness")])
+                                               ("evoid", "brightness"), ("phantom", "brightness"),
+                                               ("own", OWN[0])])
 def test_reward_rises_for_every_seed_and_falls_with_the_sign_flipped(summaries, algorithm, reward):
     for seed in SEEDS:
         before, after = change(summaries[f"{algorithm}_{reward}_{seed}_1"], reward)

@@ -3,13 +3,20 @@
 A reward function returns at least the key equal to its own name (the score that is weighted);
 extra keys are logged as sub-scores (e.g. ``facesim/min``). :func:`build_reward_fn` combines the
 configured rewards with their weights in one place, times each one and refuses NaN/inf.
+Rewards of one's own, outside the package, join through ``config.reward_modules``
+(:func:`import_reward_modules`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -74,6 +81,37 @@ def register(name: str) -> Callable[[RewardFactory], RewardFactory]:
         return factory
 
     return decorator
+
+
+def import_reward_modules(spec: str) -> None:
+    """Import ``config.reward_modules``: comma-separated Python files (a path ending in ``.py``)
+    or importable module names, whose ``@register`` factories then join the registry. Each is
+    imported once per process (a file is keyed by its resolved path). A missing file or a module
+    that fails to import raises ValueError naming the field and the entry."""
+    for entry in (part.strip() for part in str(spec or "").split(",")):
+        if not entry:
+            continue
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry).expanduser().resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file: {path}")
+                name = f"reward_module_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}_{path.stem}"
+                if name in sys.modules:
+                    continue
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                importlib.import_module(entry)
+        except Exception as error:
+            raise ValueError(f"config.reward_modules: could not import {entry!r} ({type(error).__name__}: {error}); "
+                             "give a path to a .py file or an importable module name") from error
 
 
 class CombinedReward:
@@ -161,6 +199,7 @@ def build_reward_fn(config, device: torch.device) -> CombinedReward:
     weights = dict(config.reward_fn)
     if not weights:
         raise ValueError("config.reward_fn is empty; name at least one reward, e.g. {'ref_similarity': 1.0}")
+    import_reward_modules(getattr(config, "reward_modules", ""))
     if error := unknown_reward_error(weights):
         raise ValueError(error)
     combined = CombinedReward({name: REGISTRY[name](config, device) for name in weights}, weights)

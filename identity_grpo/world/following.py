@@ -8,7 +8,10 @@ training rows) with several noise seeds each, and reports the mean identity chec
 Command line, for a generator and optionally a trained LoRA (a run's ``lora`` folder):
 
     python -m identity_grpo.world.following [--generator dataset/tiny_world/models/wan_vace]
-        [--lora RUN/lora] [--seeds 0 1] [--sde]
+        [--lora RUN/lora [--compare]] [--seeds 0 1] [--sde]
+
+``--compare`` also scores the generator without the LoRA and prints both (what the quick start
+prints after training).
 """
 
 from __future__ import annotations
@@ -53,31 +56,50 @@ def mean_identity(pipeline, scenes, seeds=(0, 1), shift: int = 0, **sampler) -> 
     return float(np.mean(scores))
 
 
+def following(generator: str | Path, lora: str | Path | None = None, seeds=(0, 1), sde: bool = False) -> dict:
+    """``{"one": ..., "two": ...}``: the mean identity check of ``generator`` (with ``lora``, a
+    peft folder, applied) on :func:`held_out_scenes`, one video per scene and noise seed, sampled
+    with the evaluation's deterministic sampler or (``sde``) the training SDE at noise level 0.7."""
+    from identity_grpo.pipelines.vace import SDEConfig
+    from identity_grpo.world.generated_pairs import load_world_pipeline
+
+    pipeline = load_world_pipeline(generator)
+    if lora:
+        from peft import PeftModel
+
+        pipeline.transformer = PeftModel.from_pretrained(pipeline.transformer, lora).eval()
+    sampler = {"sde": SDEConfig(noise_level=0.7)} if sde else {"sde_steps": []}
+    return {kind: round(mean_identity(pipeline, scenes, seeds, **sampler), 4)
+            for kind, scenes in held_out_scenes().items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generator", default="dataset/tiny_world/models/wan_vace")
     parser.add_argument("--lora", default=None, help="a peft LoRA folder (a training run's lora/) to apply")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sde", action="store_true", help="sample with the training SDE (noise level 0.7)")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --lora: also score the generator without it and print before -> after")
     args = parser.parse_args()
     if not Path(args.generator, "model_index.json").is_file():
         parser.error(f"--generator {args.generator}: no model_index.json (a world generator folder, e.g. "
                      "dataset/tiny_world/models/wan_vace)")
     if args.lora and not Path(args.lora, "adapter_config.json").is_file():
         parser.error(f"--lora {args.lora}: no adapter_config.json (a training run's lora/ folder)")
-    from identity_grpo.pipelines.vace import SDEConfig
-    from identity_grpo.world.generated_pairs import load_world_pipeline
-
-    pipeline = load_world_pipeline(args.generator)
-    if args.lora:
-        from peft import PeftModel
-
-        pipeline.transformer = PeftModel.from_pretrained(pipeline.transformer, args.lora).eval()
-    sampler = {"sde": SDEConfig(noise_level=0.7)} if args.sde else {"sde_steps": []}
-    results = {kind: round(mean_identity(pipeline, scenes, args.seeds, **sampler), 4)
-               for kind, scenes in held_out_scenes().items()}
-    print(json.dumps({"generator": args.generator, "lora": args.lora, "seeds": args.seeds,
-                      "sampler": "sde" if args.sde else "ode", **results}))
+    if args.compare and not args.lora:
+        parser.error("--compare compares the generator without and with --lora; give --lora RUN/lora")
+    results = following(args.generator, args.lora, args.seeds, args.sde)
+    record = {"generator": args.generator, "lora": args.lora, "seeds": args.seeds,
+              "sampler": "sde" if args.sde else "ode", **results}
+    if args.compare:
+        before = following(args.generator, None, args.seeds, args.sde)
+        record["before"] = before
+        counts = {kind: len(scenes) for kind, scenes in held_out_scenes().items()}
+        for kind, label in (("one", "one person"), ("two", "two people")):
+            print(f"identity check, {counts[kind]} held-out {label} scenes x {len(args.seeds)} seeds: "
+                  f"{before[kind]:.3f} -> {results[kind]:.3f} ({results[kind] / before[kind] - 1:+.0%})")
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":
