@@ -283,3 +283,16 @@ def test_only_phantom_without_a_world_names_the_missing_generator(tmp_path):
     assert done.returncode != 0
     assert str(tmp_path / "world" / "models" / "wan_vace") in done.stderr and "build the whole world first" in done.stderr
     assert not (tmp_path / "world" / "models" / "wan_phantom").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--compare"], "--compare compares the generator without and with --lora"),
+    (["--lora", "no/such/run/lora"], "--lora no/such/run/lora: no adapter_config.json"),
+])
+def test_many_scene_check_refuses_bad_arguments_before_loading(arguments, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "identity_grpo.world.following", *arguments], cwd=WORLD.parents[1],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
