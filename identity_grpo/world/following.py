@@ -96,7 +96,7 @@ def main() -> None:
         before = following(args.generator, None, args.seeds, args.sde)
         record["before"] = before
         counts = {kind: len(scenes) for kind, scenes in held_out_scenes().items()}
-        for kind, label in (("one", "one person"), ("two", "two people")):
+        for kind, label in (("one", "one-person"), ("two", "two-person")):
             print(f"identity check, {counts[kind]} held-out {label} scenes x {len(args.seeds)} seeds: "
                   f"{before[kind]:.3f} -> {results[kind]:.3f} ({results[kind] / before[kind] - 1:+.0%})")
     print(json.dumps(record))
