@@ -9,12 +9,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Extra arguments go to the training; the many-scene check scores the world's VACE generator.
 logdir=outputs/quickstart
+mkdir -p "$logdir"
+marker=$(mktemp "$logdir/.started.XXXXXX")
+trap 'rm -f "$marker"' EXIT
 python train_wan2_1_vace.py --config config/dgx.py:tiny_world --config.logdir="$logdir" "$@"
-run=$(ls -td "$logdir"/*/ 2>/dev/null | head -n 1)
-if [ -n "$run" ] && [ -f "${run}lora/adapter_config.json" ]; then
-    python -m identity_grpo.world.following --lora "${run}lora" --compare
+# The run folder this invocation wrote (newer than the marker), not an older one.
+run=$(find "$logdir" -mindepth 1 -maxdepth 1 -type d -newer "$marker" | sort | tail -n 1)
+if [ -n "$run" ] && [ -f "$run/lora/adapter_config.json" ]; then
+    python -m identity_grpo.world.following --lora "$run/lora" --compare
 else
-    echo "quickstart.sh: no run with a lora/ folder under $logdir (was --config.logdir changed?); score one with:" \
+    echo "quickstart.sh: this run wrote no lora/ under $logdir (was --config.logdir changed?); score a run with:" \
          "python -m identity_grpo.world.following --lora RUN/lora --compare"
 fi

@@ -58,6 +58,12 @@ def pytest_collection_finish(session):
         module.BACKGROUND.start()
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the world's runs; their logs stay (the folder is named in failures) if anything failed."""
     for module in _world_learning_modules(session):
-        module.BACKGROUND.stop()
+        runs = module.BACKGROUND
+        runs.stop(keep_logs=exitstatus != 0)
+        if runs.root is not None and runs.root.exists():
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"tiny world runs (logs, LoRAs, summaries) kept in {runs.root}")

@@ -222,3 +222,29 @@ def test_reward_modules_that_do_not_import_name_the_field_and_the_entry(entry):
         validate_config(config)
     with pytest.raises(ValueError, match="config.reward_modules"):
         build_reward_fn(config, torch.device("cpu"))
+
+
+def test_a_reward_module_that_fails_leaves_the_registry_as_it_was(tmp_path):
+    """A user's file that clashes with a built-in name, or registers a reward and then fails, is a
+    config error naming the field; the registry keeps nothing of it."""
+    from config.dgx import get_config
+
+    clash = tmp_path / "clash.py"
+    clash.write_text("from identity_grpo.rewards import register\n\n@register('brightness')\n"
+                     "def mine(config, device):\n    return None\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("from identity_grpo.rewards import register\n\n@register('_test_half_registered')\n"
+                      "def mine(config, device):\n    return None\n\nraise RuntimeError('a bug in the user file')\n")
+    from identity_grpo.rewards import registered_rewards
+
+    registered_rewards()  # the built-ins, as import_reward_modules imports them first
+    config = get_config("tiny")
+    config.reward_fn = {"brightness": 1.0}
+    for path, message in ((clash, "'brightness' registered twice"), (broken, "a bug in the user file")):
+        registered = set(REGISTRY)
+        config.reward_modules = str(path)
+        with pytest.raises(ValueError, match="config.reward_modules: could not import") as error:
+            build_reward_fn(config, torch.device("cpu"))
+        assert message in str(error.value) and set(REGISTRY) == registered
+    from identity_grpo.rewards.pixel import brightness
+    assert REGISTRY["brightness"] is brightness

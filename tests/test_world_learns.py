@@ -19,6 +19,7 @@ docs/tiny_world.md.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -100,13 +101,15 @@ def command(logdir: Path, preset: str, reward: dict | None, seed: int, sign: int
 
 class BackgroundRuns:
     """Every run of :func:`runs` in subprocesses, ``parallel`` at a time (the slowest, the identity
-    run, first), driven by a thread so that the runs go on while other tests do."""
+    run, first), driven by a thread so that the runs go on while other tests do. A run that takes
+    longer than ``run_timeout`` seconds is killed and reported."""
 
-    def __init__(self, parallel: int = 2):
+    def __init__(self, parallel: int = 2, run_timeout: float = 3600):
         self.parallel = parallel
+        self.run_timeout = run_timeout
         self.root: Path | None = None
         self.thread: threading.Thread | None = None
-        self.active: dict[str, subprocess.Popen] = {}
+        self.active: dict[str, tuple[subprocess.Popen, float]] = {}
         self.results: dict[str, dict] = {}
         self.failures: list[str] = []
         self.stopping = False
@@ -115,26 +118,37 @@ class BackgroundRuns:
         if self.thread is not None:
             return
         self.root = Path(tempfile.mkdtemp(prefix="world_runs_"))
+        atexit.register(self._kill_active)  # also when the session ends without pytest_sessionfinish
         self.thread = threading.Thread(target=self._run_all, name="world-runs", daemon=True)
         self.thread.start()
 
     def _run_all(self) -> None:
+        try:
+            self._schedule()
+        except Exception as error:  # noqa: BLE001 (reported by wait(), not lost with the thread)
+            self.failures.append(f"the scheduler thread failed: {type(error).__name__}: {error}")
+            self._kill_active()
+
+    def _schedule(self) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         pending = sorted(runs().items(), key=lambda item: not item[0].startswith("grpo_identity"))
-        logs = {}
         while (pending or self.active) and not self.stopping:
             while pending and len(self.active) < self.parallel:
                 name, spec = pending.pop(0)
-                logs[name] = open(self.root / f"{name}.log", "w")
-                self.active[name] = subprocess.Popen(command(self.root / name, *spec), cwd=ROOT, stdout=logs[name],
-                                                     stderr=subprocess.STDOUT, env=env)
+                with open(self.root / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+                    process = subprocess.Popen(command(self.root / name, *spec), cwd=ROOT, stdout=log,
+                                               stderr=subprocess.STDOUT, env=env)
+                self.active[name] = (process, time.monotonic())
             time.sleep(1)
-            for name, process in list(self.active.items()):
-                if process.poll() is None:
-                    continue
-                logs.pop(name).close()
-                del self.active[name]
-                self._collect(name, process.returncode)
+            for name, (process, started) in list(self.active.items()):
+                if process.poll() is None and time.monotonic() - started > self.run_timeout:
+                    process.kill()
+                    process.wait()
+                    self.failures.append(f"{name}: killed after {self.run_timeout:.0f} s")
+                    del self.active[name]
+                elif process.poll() is not None:
+                    del self.active[name]
+                    self._collect(name, process.returncode)
 
     def _collect(self, name: str, returncode: int) -> None:
         output = (self.root / f"{name}.log").read_text()
@@ -154,20 +168,26 @@ class BackgroundRuns:
         """Every run's summary, once all have ended; fails naming the runs that did not succeed."""
         self.start()
         self.thread.join()
-        if self.failures:
-            pytest.fail(f"{len(self.failures)} world run(s) failed (logs in {self.root}):\n" + "\n".join(self.failures),
-                        pytrace=False)
+        missing = sorted(set(runs()) - set(self.results))
+        if self.failures or missing:
+            pytest.fail(f"world runs failed (logs in {self.root}); without a summary: {missing}\n"
+                        + "\n".join(self.failures), pytrace=False)
         return self.results
 
-    def stop(self) -> None:
-        """End the session's runs: kill those still going; remove the folder if every run succeeded."""
+    def _kill_active(self) -> None:
+        for process, _ in list(self.active.values()):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def stop(self, keep_logs: bool = False) -> None:
+        """End the session's runs: kill those still going; remove the folder unless a run failed or
+        ``keep_logs`` (the session failed)."""
         self.stopping = True
         if self.thread is not None:
             self.thread.join()  # within a second: the thread starts nothing once stopping is set
-        for process in self.active.values():
-            process.kill()
-            process.wait()
-        if self.root is not None and not self.failures:
+        self._kill_active()
+        if self.root is not None and not (self.failures or keep_logs):
             shutil.rmtree(self.root, ignore_errors=True)
 
 

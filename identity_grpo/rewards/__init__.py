@@ -87,10 +87,13 @@ def import_reward_modules(spec: str) -> None:
     """Import ``config.reward_modules``: comma-separated Python files (a path ending in ``.py``)
     or importable module names, whose ``@register`` factories then join the registry. Each is
     imported once per process (a file is keyed by its resolved path). A missing file or a module
-    that fails to import raises ValueError naming the field and the entry."""
-    for entry in (part.strip() for part in str(spec or "").split(",")):
-        if not entry:
-            continue
+    that fails to import raises ValueError naming the field and the entry, and leaves the
+    registry as it was (so a name that clashes with a built-in reward is reported as such)."""
+    entries = [part.strip() for part in str(spec or "").split(",") if part.strip()]
+    if entries:
+        registered_rewards()  # the built-ins first: a clash is then the user's module's error
+    for entry in entries:
+        before = set(REGISTRY)
         try:
             if entry.endswith(".py"):
                 path = Path(entry).expanduser().resolve()
@@ -110,6 +113,8 @@ def import_reward_modules(spec: str) -> None:
             else:
                 importlib.import_module(entry)
         except Exception as error:
+            for reward in set(REGISTRY) - before:
+                del REGISTRY[reward]
             raise ValueError(f"config.reward_modules: could not import {entry!r} ({type(error).__name__}: {error}); "
                              "give a path to a .py file or an importable module name") from error
 
