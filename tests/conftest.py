@@ -50,8 +50,9 @@ def _world_learning_modules(session) -> set:
 
 
 def pytest_collection_finish(session):
-    """Start the tiny world's learning runs (tests/test_world_learns.py, about 25 CPU-minutes) in
-    the background as soon as a test of theirs is selected, so they overlap the rest of the suite."""
+    """Start the tiny world's learning runs (tests/test_world_learns.py, most of the suite's
+    CPU-minutes) in the background as soon as a test of theirs is selected, so they overlap the
+    rest of the suite."""
     if session.config.option.collectonly:
         return
     for module in _world_learning_modules(session):

@@ -141,14 +141,15 @@ class BackgroundRuns:
                 self.active[name] = (process, time.monotonic())
             time.sleep(1)
             for name, (process, started) in list(self.active.items()):
-                if process.poll() is None and time.monotonic() - started > self.run_timeout:
+                returncode = process.poll()
+                if returncode is not None:
+                    del self.active[name]
+                    self._collect(name, returncode)
+                elif time.monotonic() - started > self.run_timeout:
                     process.kill()
                     process.wait()
+                    del self.active[name]
                     self.failures.append(f"{name}: killed after {self.run_timeout:.0f} s")
-                    del self.active[name]
-                elif process.poll() is not None:
-                    del self.active[name]
-                    self._collect(name, process.returncode)
 
     def _collect(self, name: str, returncode: int) -> None:
         output = (self.root / f"{name}.log").read_text()
