@@ -44,24 +44,29 @@ def train_subprocess(tiny_vace_dir):
     return run
 
 
-def _world_learning_modules(session) -> set:
-    return {item.module for item in session.items
-            if getattr(item, "module", None) is not None and item.module.__name__.endswith("test_world_learns")}
+def _world_learning_items(session) -> dict:
+    """The selected tests of tests/test_world_learns.py, by module."""
+    items = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.endswith("test_world_learns"):
+            items.setdefault(module, []).append(item)
+    return items
 
 
 def pytest_collection_finish(session):
     """Start the tiny world's learning runs (tests/test_world_learns.py, most of the suite's
-    CPU-minutes) in the background as soon as a test of theirs is selected, so they overlap the
-    rest of the suite."""
+    CPU-minutes) that the selected tests read, in the background as soon as they are collected,
+    so they overlap the rest of the suite."""
     if session.config.option.collectonly:
         return
-    for module in _world_learning_modules(session):
-        module.BACKGROUND.start()
+    for module, items in _world_learning_items(session).items():
+        module.BACKGROUND.start(module.runs_read_by(items))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Stop the world's runs; their logs stay (the folder is named in failures) if anything failed."""
-    for module in _world_learning_modules(session):
+    for module in _world_learning_items(session):
         runs = module.BACKGROUND
         runs.stop(keep_logs=exitstatus != 0)
         if runs.root is not None and runs.root.exists():

@@ -62,6 +62,8 @@ OWN = ("contrast", "tiny_world_reward", (f"--config.reward_modules={ROOT / 'test
 FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,), "phantom": (0,), "own": (0,)}
 # A run must move its reward by at least this much (brightness lies in [0, 1], redness in [-1, 1]).
 MARGIN = 0.02
+# The identity run's name.
+IDENTITY_RUN = "grpo_identity_0_1"
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +85,23 @@ def runs() -> dict[str, tuple[str, dict | None, int, int, tuple[str, ...]]]:
         for sign in (1, -1) if seed in FLIPPED["own"] else (1,):
             table[f"own_{reward}_{seed}_{sign}"] = (preset, {reward: 1.0}, seed, sign, overrides)
     # The preset as it is (the quick start's run but for the seed and the videos and report).
-    table["grpo_identity_0_1"] = ("tiny_world", None, 0, 1, ())
+    table[IDENTITY_RUN] = ("tiny_world", None, 0, 1, ())
     return table
+
+
+def runs_read_by(items) -> set[str]:
+    """The runs the selected tests of this module read (so that ``-k`` on one test starts only
+    its own runs)."""
+    names = set()
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if params and "algorithm" in params:
+            names |= {name for name in runs() if name.startswith(f"{params['algorithm']}_{params['reward']}_")}
+        elif item.originalname == "test_identity_reward_raises_the_identity_check_on_many_held_out_scenes":
+            names.add(IDENTITY_RUN)
+        else:  # a test this function does not know: every run
+            names |= set(runs())
+    return names
 
 
 def command(logdir: Path, preset: str, reward: dict | None, seed: int, sign: int,
@@ -100,9 +117,10 @@ def command(logdir: Path, preset: str, reward: dict | None, seed: int, sign: int
 
 
 class BackgroundRuns:
-    """Every run of :func:`runs` in subprocesses, ``parallel`` at a time (the slowest, the identity
-    run, first), driven by a thread so that the runs go on while other tests do. A run that takes
-    longer than ``run_timeout`` seconds is killed and reported."""
+    """The runs of :func:`runs` (all, or those :meth:`start` names) in subprocesses, ``parallel``
+    at a time (the slowest, the identity run, first), driven by a thread so that the runs go on
+    while other tests do. A run that takes longer than ``run_timeout`` seconds is killed and
+    reported."""
 
     def __init__(self, parallel: int = 2, run_timeout: float = 3600):
         self.parallel = parallel
@@ -113,10 +131,13 @@ class BackgroundRuns:
         self.results: dict[str, dict] = {}
         self.failures: list[str] = []
         self.stopping = False
+        self.names: set[str] = set()
 
-    def start(self) -> None:
+    def start(self, names: set[str] | None = None) -> None:
+        """Start the runs ``names`` (default: all) unless runs were started already."""
         if self.thread is not None:
             return
+        self.names = set(runs()) if names is None else set(names)
         self.root = Path(tempfile.mkdtemp(prefix="world_runs_"))
         atexit.register(self._kill_active)  # also when the session ends without pytest_sessionfinish
         self.thread = threading.Thread(target=self._run_all, name="world-runs", daemon=True)
@@ -131,7 +152,8 @@ class BackgroundRuns:
 
     def _schedule(self) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        pending = sorted(runs().items(), key=lambda item: not item[0].startswith("grpo_identity"))
+        pending = sorted(((name, spec) for name, spec in runs().items() if name in self.names),
+                         key=lambda item: item[0] != IDENTITY_RUN)
         while (pending or self.active) and not self.stopping:
             while pending and len(self.active) < self.parallel:
                 name, spec = pending.pop(0)
@@ -166,10 +188,11 @@ class BackgroundRuns:
         self.results[name] = json.loads(path.read_text())
 
     def wait(self) -> dict[str, dict]:
-        """Every run's summary, once all have ended; fails naming the runs that did not succeed."""
+        """The started runs' summaries, once all have ended; fails naming the runs that did not
+        succeed."""
         self.start()
         self.thread.join()
-        missing = sorted(set(runs()) - set(self.results))
+        missing = sorted(self.names - set(self.results))
         if self.failures or missing:
             pytest.fail(f"world runs failed (logs in {self.root}); without a summary: {missing}\n"
                         + "\n".join(self.failures), pytrace=False)
@@ -230,7 +253,7 @@ def test_identity_reward_raises_the_identity_check_on_many_held_out_scenes(summa
     -> 0.494 / 0.334; seeds 1, 2, 42: +25%, +9%, +24%; docs/tiny_world.md)."""
     from identity_grpo.world.following import following
 
-    summary = summaries["grpo_identity_0_1"]
+    summary = summaries[IDENTITY_RUN]
     # The generator already follows its references well above chance (1/24 one person, 1/12 two).
     assert summary["eval_before"]["world_identity"] > 0.25
     lora = Path(summary["run_dir"]) / "lora"

@@ -180,6 +180,18 @@ def test_generated_pairs_are_labelled_by_the_identity_check():
     again = generated_pairs(pipeline, 8, seed=5, batch_size=4)
     assert [(p.kind, p.label, p.prompt) for p in small] == [(p.kind, p.label, p.prompt) for p in again]
     assert all(np.array_equal(p.video_a, q.video_a) for p, q in zip(small, again))
+    # Four samples a scene: up to six same-reference pairs each (every two of them), each labelled
+    # by the check; the swap pair per scene stays one.
+    four = generated_pairs(pipeline, 8, seed=5, batch_size=4, samples_per_scene=4)
+    same = [pair for pair in four if pair.kind == "generated_same"]
+    assert sum(pair.kind == "generated_same" for pair in small) < len(same) <= 6 * 8
+    assert sum(pair.kind == "generated_swap" for pair in four) <= 8
+    for pair in same:
+        score_a, score_b = (identity_score(video, list(pair.references), SOFT_TEMPERATURE)
+                            for video in (pair.video_a, pair.video_b))
+        assert abs(score_a - score_b) >= 0.05 and pair.label == ("A" if score_a > score_b else "B")
+    with pytest.raises(ValueError, match="samples_per_scene must be at least 2"):
+        generated_pairs(pipeline, 4, seed=5, samples_per_scene=1)
 
 
 def test_generated_pairs_join_the_drawn_ones_in_the_trainers_format(tmp_path):

@@ -7,9 +7,12 @@ reward model learned from people comparing *generated* videos; here the generato
 compared by the world's soft identity check (:func:`identity_grpo.world.identity.identity_score`),
 the world's stand-in for those annotators.
 
-Per scene, three samples of the training SDE (the rollouts' sampler and noise level):
+Per scene, ``samples_per_scene + 1`` samples of the training SDE (the rollouts' sampler and noise
+level):
 
-- two from the scene's references: a ``generated_same`` pair (which of two tries is closer);
+- ``samples_per_scene`` (default 2) from the scene's references: a ``generated_same`` pair for
+  every two of them (which of two tries is closer; what a GRPO group compares), so K samples give
+  K (K - 1) / 2 pairs;
 - one from references with one person replaced by another identity of the same hair style (so
   the prompt still fits), scored against the TRUE references: a ``generated_swap`` pair against
   the first sample.
@@ -86,9 +89,12 @@ def _swapped(scene: Scene, rng: np.random.Generator, identities) -> Scene:
 
 
 def generated_pairs(pipeline, num_scenes: int, seed: int, identities=IDENTITIES, *, margin: float = 0.05,
-                    batch_size: int = 32, size: int = 32, num_frames: int = 5) -> list[WorldPair]:
+                    batch_size: int = 32, size: int = 32, num_frames: int = 5,
+                    samples_per_scene: int = 2) -> list[WorldPair]:
     """``WorldPair``s from ``num_scenes`` scenes over ``identities`` (see the module docstring);
     deterministic in ``seed``. Returns the pairs in scene order."""
+    if samples_per_scene < 2:
+        raise ValueError(f"samples_per_scene must be at least 2 (a pair), got {samples_per_scene}")
     rng = np.random.default_rng(seed)
 
     def sample(scenes: list[Scene], noise_seed: int) -> np.ndarray:
@@ -100,18 +106,21 @@ def generated_pairs(pipeline, num_scenes: int, seed: int, identities=IDENTITIES,
         scenes = _scenes(rng, identities, min(batch_size, num_scenes - start), 1 + batch_index % 2, num_frames)
         swapped = [_swapped(scene, rng, identities) for scene in scenes]
         noise_seed = seed * 1000 + start
-        first, second, other = sample(scenes, noise_seed), sample(scenes, noise_seed + 1), sample(swapped, noise_seed + 2)
-        for scene, wrong, video_1, video_2, video_3 in zip(scenes, swapped, first, second, other):
+        tries = [sample(scenes, noise_seed + k) for k in range(samples_per_scene)]
+        other = sample(swapped, noise_seed + samples_per_scene)
+        for index, (scene, wrong) in enumerate(zip(scenes, swapped)):
             people: list[Identity] = list(scene.people)
-            score_1, score_2, score_3 = (identity_score(video, people, SOFT_TEMPERATURE) for video in (video_1, video_2, video_3))
-            mine = (video_1, score_1, scene.people)
-            for kind, rival in (("generated_same", (video_2, score_2, scene.people)),
-                                ("generated_swap", (video_3, score_3, wrong.people))):
-                if abs(score_1 - rival[1]) < margin:
+            mine = [(videos[index], identity_score(videos[index], people, SOFT_TEMPERATURE), scene.people)
+                    for videos in tries]
+            rivals = [(first, ("generated_same", second)) for k, first in enumerate(mine) for second in mine[k + 1:]]
+            rivals.append((mine[0], ("generated_swap", (other[index], identity_score(other[index], people,
+                                                                                      SOFT_TEMPERATURE), wrong.people))))
+            for this, (kind, rival) in rivals:
+                if abs(this[1] - rival[1]) < margin:
                     continue
                 # shown_a / shown_b: the references each video was generated from.
-                (video_a, score_a, shown_a), (video_b, score_b, shown_b) = (mine, rival) if rng.random() < 0.5 \
-                    else (rival, mine)
+                (video_a, score_a, shown_a), (video_b, score_b, shown_b) = (this, rival) if rng.random() < 0.5 \
+                    else (rival, this)
                 pairs.append(WorldPair(kind, scene.people, scene.prompt, video_a, video_b,
                                        "A" if score_a > score_b else "B", shown_a, shown_b))
         logger.info("generated pairs: %d scenes, %d pairs", start + len(scenes), len(pairs))

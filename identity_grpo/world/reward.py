@@ -85,6 +85,8 @@ class WorldRewardSettings:
     num_generated_eval_scenes: int = 320
     # Pairs whose identity-check scores differ by less than this are dropped.
     generated_margin: float = 0.05
+    # Samples of each training scene from its references: every two make a generated_same pair.
+    generated_samples_per_scene: int = 2
     # Kinds trained on. The "bt" loss gives tied pairs zero loss, so they only cost time.
     train_kinds: tuple[str, ...] = SWAP_KINDS + DISTORTION_KINDS + GENERATED_KINDS
     # Every reference and frame is resized to this many pixels. 112 x 112: 4 x 4 merged tokens
@@ -159,7 +161,7 @@ def add_generated_pairs(root: Path, generator_dir: str | Path, settings: WorldRe
     pipeline = load_world_pipeline(generator_dir)
     train_identities, all_identities = split_identities()
     train = generated_pairs(pipeline, settings.num_generated_train_scenes, 2 * settings.seed + 11, train_identities,
-                            margin=settings.generated_margin)
+                            margin=settings.generated_margin, samples_per_scene=settings.generated_samples_per_scene)
     held_out = generated_pairs(pipeline, settings.num_generated_eval_scenes, 2 * settings.seed + 12, all_identities,
                                margin=settings.generated_margin)
     return write_pairs(root, "gen_train", train), write_pairs(root, "gen_eval", held_out)
@@ -320,11 +322,21 @@ def main() -> None:
     parser.add_argument("--caption-steps", type=int, default=WorldRewardSettings.caption_steps,
                         help="steps of captioning pretraining of the backbone before the preference training "
                              "(identity_grpo.world.reward_pretraining; 0: none, the shipped recipe)")
+    parser.add_argument("--samples-per-scene", type=int, default=WorldRewardSettings.generated_samples_per_scene,
+                        help="with --generator: samples of each training scene from its references; every two "
+                             "make a pair of samples of the same references (K samples: K (K - 1) / 2 pairs)")
+    parser.add_argument("--epochs", type=int, default=WorldRewardSettings.num_epochs,
+                        help="epochs of preference training")
     args = parser.parse_args()
     if args.caption_steps < 0:
         parser.error(f"--caption-steps must be >= 0, got {args.caption_steps}")
+    if args.samples_per_scene < 2:
+        parser.error(f"--samples-per-scene must be >= 2 (a pair), got {args.samples_per_scene}")
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = WorldRewardSettings(caption_steps=args.caption_steps)
+    settings = WorldRewardSettings(caption_steps=args.caption_steps, generated_samples_per_scene=args.samples_per_scene,
+                                   num_epochs=args.epochs)
     summary = build_world_reward_model(args.out_dir, seed=args.seed, settings=settings, generator_dir=args.generator)
     print(json.dumps(summary["held_out"], indent=2))
 
