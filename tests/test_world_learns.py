@@ -97,7 +97,7 @@ def runs_read_by(items) -> set[str]:
         params = getattr(item, "callspec", None) and item.callspec.params
         if params and "algorithm" in params:
             names |= {name for name in runs() if name.startswith(f"{params['algorithm']}_{params['reward']}_")}
-        elif item.originalname == "test_identity_reward_raises_the_identity_check_on_many_held_out_scenes":
+        elif item.function is test_identity_reward_raises_the_identity_check_on_many_held_out_scenes:
             names.add(IDENTITY_RUN)
         else:  # a test this function does not know: every run
             names |= set(runs())

@@ -24,6 +24,7 @@ and two in odd ones (one reference count per sampler call).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -112,10 +113,9 @@ def generated_pairs(pipeline, num_scenes: int, seed: int, identities=IDENTITIES,
             people: list[Identity] = list(scene.people)
             mine = [(videos[index], identity_score(videos[index], people, SOFT_TEMPERATURE), scene.people)
                     for videos in tries]
-            rivals = [(first, ("generated_same", second)) for k, first in enumerate(mine) for second in mine[k + 1:]]
-            rivals.append((mine[0], ("generated_swap", (other[index], identity_score(other[index], people,
-                                                                                      SOFT_TEMPERATURE), wrong.people))))
-            for this, (kind, rival) in rivals:
+            swap = (other[index], identity_score(other[index], people, SOFT_TEMPERATURE), wrong.people)
+            comparisons = [("generated_same", *two) for two in itertools.combinations(mine, 2)]
+            for kind, this, rival in comparisons + [("generated_swap", mine[0], swap)]:
                 if abs(this[1] - rival[1]) < margin:
                     continue
                 # shown_a / shown_b: the references each video was generated from.
