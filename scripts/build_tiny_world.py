@@ -7,10 +7,10 @@ models, written where the ``tiny_world`` and ``tiny_world_phantom`` presets find
     python scripts/build_tiny_world.py --only-phantom # the Phantom generator alone, on the existing world's
                                                       # VAE and text encoder (the same weights a full build gives)
 
-The reward models (an ensemble of three, seeds 0-2: ``models/identity_reward``,
-``identity_reward_seed1``, ``identity_reward_seed2``) learn from drawn preference pairs only, so
-they train one after another in a second process next to the generators (VAE, VACE transformer,
-then Phantom transformer): about 27 minutes on 2 cores instead of 53 on one.
+The reward models (an ensemble of two, seeds 2 and 3: ``models/identity_reward_seed2`` and
+``identity_reward_seed3``) learn from drawn preference pairs and from pairs of the VACE
+generator's own samples, so they train once it is written, side by side in two more processes
+next to the Phantom transformer: about 50 minutes on 2 cores.
 Every model trains on one thread, as the committed ones did: another thread count rounds
 differently and gives other weights in the last bits. Deterministic on one machine (seeded; two
 builds give identical weights). Timings and numbers: docs/tiny_world.md.
@@ -30,6 +30,14 @@ import torch
 
 from identity_grpo.world.build import BuildSettings, WorldSize, build_generator, build_phantom_generator, write_dataset
 from identity_grpo.world.reward import REWARD_ENSEMBLE_SEEDS, reward_model_folder
+
+
+def reward_command(out: Path, seed: int, build_seed: int) -> list[str]:
+    """The command line that trains the world's reward model of ``seed`` (its folder under
+    ``out/models``; seeded ``build_seed + seed``) on drawn pairs and on pairs of ``out``'s VACE
+    generator's own samples."""
+    return [sys.executable, "-m", "identity_grpo.world.reward", str(out / "models" / reward_model_folder(seed)),
+            "--seed", str(build_seed + seed), "--generator", str(out / "models" / "wan_vace")]
 
 
 def main() -> None:
@@ -62,24 +70,25 @@ def main() -> None:
         logging.info("Phantom generator written to %s in %.0f s", out / "models" / "wan_phantom", time.time() - start)
         return
     write_dataset(out, seed=args.seed)
-    reward = None
-    if not (args.no_reward or args.quick):
-        commands = [shlex.join([sys.executable, "-m", "identity_grpo.world.reward",
-                                str(out / "models" / reward_model_folder(seed)), "--seed", str(args.seed + seed)])
-                    for seed in REWARD_ENSEMBLE_SEEDS]
-        reward = subprocess.Popen(" && ".join(commands), shell=True, start_new_session=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+    commands = [] if args.no_reward or args.quick else [reward_command(out, seed, args.seed)
+                                                         for seed in REWARD_ENSEMBLE_SEEDS]
+    rewards = []
     try:
         vace = build_generator(settings, WorldSize())
         vace.save_pretrained(out / "models" / "wan_vace")
+        # The reward models learn from the VACE generator's own samples too, so they start once it
+        # is written, side by side (one thread each) and next to the Phantom training.
+        rewards = [subprocess.Popen(command, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                   for command in commands]
         build_phantom_generator(settings, WorldSize(), vace).save_pretrained(out / "models" / "wan_phantom")
+        failed = [command for command, process in zip(commands, rewards) if process.wait() != 0]
     except BaseException:
-        if reward is not None:
-            os.killpg(reward.pid, signal.SIGTERM)
+        for process in rewards:
+            os.killpg(process.pid, signal.SIGTERM)
         raise
-    if reward is not None and reward.wait() != 0:
-        sys.exit(f"a reward model build failed (exit {reward.returncode}); the generator is written; rerun the "
-                 f"missing ones alone: python -m identity_grpo.world.reward {out / 'models'}/<folder> --seed <seed>")
+    if failed:
+        sys.exit("a reward model build failed; the generators are written; rerun it alone: "
+                 + "; ".join(shlex.join(command) for command in failed))
     logging.info("tiny world written to %s in %.0f s", out, time.time() - start)
 
 

@@ -5,6 +5,7 @@ training run of the real entry point whose loss falls."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -246,16 +247,29 @@ def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path, caption_s
     assert model.config.instruction == WORLD_INSTRUCTION and model.config.num_frames == settings.num_frames
 
 
+# Held-out accuracy on pairs of two samples of the same references that each shipped model
+# exceeds (0.62-0.65 measured for the recipe; the earlier recipes' 0.58-0.60 did not teach GRPO
+# identity reliably; docs/tiny_world.md).
+SAME_MIN = 0.6
+
+
 def test_tiny_world_preset_averages_the_worlds_shipped_reward_models():
-    """The preset's ensemble is the three folders the build writes (seeds 0-2), each shipped."""
+    """The preset's ``identity`` is the mean of the folders the build writes, each shipped,
+    trained with the build's recipe (captioning, four samples a scene) and ranking held-out pairs
+    of two of the generator's samples of the same references (what a GRPO group compares) better
+    than chance by a margin."""
     from config.dgx import get_config
     from identity_grpo.rewards import reward_model_folders
-    from identity_grpo.world.reward import REWARD_ENSEMBLE_SEEDS, reward_model_folder
+    from identity_grpo.world.reward import REWARD_ENSEMBLE_SEEDS, WorldRewardSettings, reward_model_folder
 
-    folders = reward_model_folders(get_config("tiny_world").pretrained.reward_model)
+    config = get_config("tiny_world")
+    assert "identity" in config.reward_fn
+    folders = reward_model_folders(config.pretrained.reward_model)
     assert folders == [f"dataset/tiny_world/models/{reward_model_folder(seed)}" for seed in REWARD_ENSEMBLE_SEEDS]
     root = Path(__file__).resolve().parents[1]
-    summaries = [json.loads((root / folder / "world_reward.json").read_text()) for folder in folders]
-    for folder, summary in zip(folders, summaries):
-        assert (root / folder / "reward_config.json").is_file() and summary["held_out"]["swap/accuracy"] > 0.65
-    assert [summary["settings"]["seed"] for summary in summaries] == list(REWARD_ENSEMBLE_SEEDS)
+    recipe = dataclasses.asdict(WorldRewardSettings())
+    for seed, folder in zip(REWARD_ENSEMBLE_SEEDS, folders):
+        summary = json.loads((root / folder / "world_reward.json").read_text())
+        assert (root / folder / "reward_config.json").is_file()
+        assert summary["settings"] == json.loads(json.dumps({**recipe, "seed": seed}))
+        assert summary["held_out"]["generated_same/accuracy"] > SAME_MIN, (folder, summary["held_out"])
