@@ -7,10 +7,10 @@ models, written where the ``tiny_world`` and ``tiny_world_phantom`` presets find
     python scripts/build_tiny_world.py --only-phantom # the Phantom generator alone, on the existing world's
                                                       # VAE and text encoder (the same weights a full build gives)
 
-The reward models (an ensemble of two, seeds 2 and 3: ``models/identity_reward_seed2`` and
+The reward models (an ensemble of four, seeds 0-3: ``models/identity_reward_seed0`` ...
 ``identity_reward_seed3``) learn from drawn preference pairs and from pairs of the VACE
-generator's own samples, so they train once it is written, side by side in two more processes
-next to the Phantom transformer: about 50 minutes on 2 cores.
+generator's own samples, so they train once it is written, side by side in four more processes
+next to the Phantom transformer: about 75 minutes on 2 cores in all.
 Every model trains on one thread, as the committed ones did: another thread count rounds
 differently and gives other weights in the last bits. Deterministic on one machine (seeded; two
 builds give identical weights). Timings and numbers: docs/tiny_world.md.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run GRPO on the tiny world (CPU, 5-10 minutes on 2 cores): a generator trained on
-# a synthetic world of 24 cartoon people learns to keep its references' identities (trained on
-# the soft form of the world's identity check; the learned reward models are logged). Prints the
+# a synthetic world of 24 cartoon people learns to keep its references' identities, trained on
+# the mean of the world's four learned identity reward models alone, as in the paper. Prints the
 # eval rewards before and after training (32 held-out test rows) and the paths of the run's report and
 # of before_after.png (references | before | after, for the first 16 test rows); then the world's
 # identity check on 96 + 96 held-out scenes before and after (about a minute): the 32 rows are

@@ -253,17 +253,17 @@ def test_build_trains_through_the_entry_point_and_loss_falls(tmp_path, caption_s
 SAME_MIN = 0.6
 
 
-def test_tiny_world_preset_averages_the_worlds_shipped_reward_models():
-    """The preset's ``identity`` is the mean of the folders the build writes, each shipped,
-    trained with the build's recipe (captioning, four samples a scene) and ranking held-out pairs
-    of two of the generator's samples of the same references (what a GRPO group compares) better
-    than chance by a margin."""
+def test_tiny_world_preset_trains_the_mean_of_the_worlds_shipped_reward_models():
+    """The preset trains ``identity`` alone, the mean of the folders the build writes, each
+    shipped, trained with the build's recipe (captioning, four samples a scene) and ranking
+    held-out pairs of two of the generator's samples of the same references (what a GRPO group
+    compares) better than chance by a margin."""
     from config.dgx import get_config
     from identity_grpo.rewards import reward_model_folders
     from identity_grpo.world.reward import REWARD_ENSEMBLE_SEEDS, WorldRewardSettings, reward_model_folder
 
     config = get_config("tiny_world")
-    assert "identity" in config.reward_fn
+    assert {name for name, weight in config.reward_fn.items() if weight} == {"identity"}
     folders = reward_model_folders(config.pretrained.reward_model)
     assert folders == [f"dataset/tiny_world/models/{reward_model_folder(seed)}" for seed in REWARD_ENSEMBLE_SEEDS]
     root = Path(__file__).resolve().parents[1]

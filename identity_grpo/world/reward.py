@@ -10,8 +10,8 @@ with ``world_reward.json`` beside its weights: the settings and the held-out acc
 
 Command line: ``python -m identity_grpo.world.reward OUT_DIR [--seed 0] [--generator WAN_VACE_DIR]
 [--caption-steps N] [--samples-per-scene K] [--epochs E]``. The shipped models are
-``--generator dataset/tiny_world/models/wan_vace --seed 2`` and ``--seed 3`` with the other
-options at their defaults (what ``scripts/build_tiny_world.py`` runs).
+``--generator dataset/tiny_world/models/wan_vace --seed S`` for seeds 0-3, the other options at
+their defaults (what ``scripts/build_tiny_world.py`` runs).
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ logger = logging.getLogger(__name__)
 WORLD_INSTRUCTION = "<|SA_reward|>"
 WORLD_SYSTEM_PROMPT = ""
 SUMMARY_NAME = "world_reward.json"
-# The world's reward ensemble (the tiny_world preset's ``identity`` is the mean of the two), each
-# in models/identity_reward_seed<seed>. Seeds 2 and 3 because 0 and 1 of the same recipe were
-# measured first, outside the build (GRPO on either pair's mean: docs/tiny_world.md).
-REWARD_ENSEMBLE_SEEDS = (2, 3)
+# The world's reward ensemble, each in models/identity_reward_seed<seed>: the tiny_world preset
+# trains on the mean of the four. On the mean of two (seeds 0 and 1, or 2 and 3) GRPO was
+# reward-hacked for 0 and 2 of 4 seeds, on the mean of four for none (docs/tiny_world.md).
+REWARD_ENSEMBLE_SEEDS = (0, 1, 2, 3)
 
 
 def reward_model_folder(seed: int) -> str:
