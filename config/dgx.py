@@ -146,7 +146,8 @@ def tiny_world():
     config.sample.noise_level = 0.7
     config.sample.eval_sde = False
     # 64 videos an epoch (eight groups of 8): less noise in each update than 32, with which GRPO
-    # could not climb one reward model's score for 3 of 4 seeds (docs/tiny_world.md).
+    # could not climb an earlier reward model's score for 3 of 4 seeds
+    # (docs/tiny_world_reward_history.md).
     config.sample.train_batch_size = 64
     config.train.learning_rate = 1e-3
     config.num_epochs = 30
