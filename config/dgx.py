@@ -346,6 +346,18 @@ def tiny_world_nft():
     return config
 
 
+def tiny_world_phantom_nft():
+    """``tiny_world_nft`` on the world's Phantom generator (``tiny_world_phantom``'s model and
+    guidance): DiffusionNFT's forward-process objective on the Phantom-Wan architecture."""
+    config = tiny_world_nft()
+    phantom = tiny_world_phantom()
+    config.run_name = "tiny_world_phantom_nft"
+    config.model_type = phantom.model_type
+    config.pretrained.model = phantom.pretrained.model
+    config.pretrained.phantom_dit = phantom.pretrained.phantom_dit
+    return config
+
+
 def tiny_world_evoid():
     """``tiny_world_nft`` with EvoID's anchors (the world's VACE with its context off as the
     text-to-video teacher, 0.01; the initial model, 0.2)."""
@@ -369,7 +381,8 @@ def get_config(name):
                "phantom_tiny": phantom_tiny, "vace_nft": vace_nft, "phantom_nft": phantom_nft, "tiny_nft": tiny_nft,
                "vace_evoid": vace_evoid, "phantom_evoid": phantom_evoid, "tiny_evoid": tiny_evoid,
                "tiny_world": tiny_world, "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid,
-               "tiny_world_phantom": tiny_world_phantom, "tiny_world_reward": tiny_world_reward}
+               "tiny_world_phantom": tiny_world_phantom, "tiny_world_reward": tiny_world_reward,
+               "tiny_world_phantom_nft": tiny_world_phantom_nft}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()
