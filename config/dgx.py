@@ -358,6 +358,18 @@ def tiny_world_phantom_nft():
     return config
 
 
+def tiny_world_phantom_evoid():
+    """``tiny_world_phantom_nft`` with EvoID's anchors (0.01 / 0.2, as ``tiny_world_evoid``). The
+    text-to-video teacher is ``pretrained.model``'s transformer, as for the real Phantom: here the
+    world's Phantom DiT itself, on the video frames alone (the world has no T2V model; this DiT
+    never trained without references, so it is a weak teacher)."""
+    config = tiny_world_phantom_nft()
+    config.run_name = "tiny_world_phantom_evoid"
+    config.algorithm = "evoid"
+    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
+    return config
+
+
 def tiny_world_evoid():
     """``tiny_world_nft`` with EvoID's anchors (the world's VACE with its context off as the
     text-to-video teacher, 0.01; the initial model, 0.2)."""
@@ -382,7 +394,7 @@ def get_config(name):
                "vace_evoid": vace_evoid, "phantom_evoid": phantom_evoid, "tiny_evoid": tiny_evoid,
                "tiny_world": tiny_world, "tiny_world_nft": tiny_world_nft, "tiny_world_evoid": tiny_world_evoid,
                "tiny_world_phantom": tiny_world_phantom, "tiny_world_reward": tiny_world_reward,
-               "tiny_world_phantom_nft": tiny_world_phantom_nft}
+               "tiny_world_phantom_nft": tiny_world_phantom_nft, "tiny_world_phantom_evoid": tiny_world_phantom_evoid}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()

@@ -8,7 +8,7 @@ from identity_grpo.configuration import num_train_steps, sde_step_indices, train
 
 @pytest.mark.parametrize("preset", ["vace", "tiny", "phantom", "phantom_tiny", "tiny_world", "tiny_world_nft",
                                     "tiny_world_evoid", "tiny_world_phantom", "tiny_world_reward",
-                                    "tiny_world_phantom_nft"])
+                                    "tiny_world_phantom_nft", "tiny_world_phantom_evoid"])
 def test_presets_are_valid(preset):
     validate_config(get_config(preset), num_processes=8 if preset in ("vace", "phantom") else 1)
 

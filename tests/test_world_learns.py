@@ -5,8 +5,8 @@
   objective's sign flipped (``train.advantage_sign = -1``), also for every seed;
 - DiffusionNFT and EvoID raise one of them for every seed tried and lower it with the sign flipped
   (one seed each: the flip is the same code path for every seed);
-- so do GRPO and DiffusionNFT on the world's Phantom generator (``tiny_world_phantom``,
-  ``tiny_world_phantom_nft``);
+- so do GRPO, DiffusionNFT and EvoID on the world's Phantom generator (``tiny_world_phantom``,
+  ``tiny_world_phantom_nft``, ``tiny_world_phantom_evoid``);
 - so does GRPO, with the ``tiny_world_reward`` preset, on a reward registered from a file of one's
   own (``tests/user_rewards.py``: contrast), as a user would add one;
 - GRPO on the mean of the world's learned identity reward models alone (the ``tiny_world``
@@ -54,13 +54,14 @@ EVOID = NFT + ("--config.evoid.lambda_self=0.05",)
 # docs/tiny_world.md.
 PHANTOM = tuple(flag for flag in CHEAP if "learning_rate" not in flag) + ("--config.train.learning_rate=3e-3",)
 # Brightness runs of the other objectives and on the Phantom generator: name -> overrides of
-# preset tiny_world_<name>. DiffusionNFT on Phantom learns with the VACE runs' settings.
-BRIGHTNESS = {"nft": NFT, "evoid": EVOID, "phantom": PHANTOM, "phantom_nft": NFT}
+# preset tiny_world_<name>. DiffusionNFT and EvoID on Phantom learn with the VACE runs' settings.
+BRIGHTNESS = {"nft": NFT, "evoid": EVOID, "phantom": PHANTOM, "phantom_nft": NFT, "phantom_evoid": EVOID}
 # A reward no test of the project's rewards covers, registered from a file of one's own
 # (tests/user_rewards.py), trained with the preset for such rewards (tiny_world_reward).
 OWN = ("contrast", "tiny_world_reward", (f"--config.reward_modules={ROOT / 'tests' / 'user_rewards.py'}",))
 # Seeds also run with the objective's sign flipped.
-FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,), "phantom": (0,), "phantom_nft": (0,), "own": (0,)}
+FLIPPED = {"grpo": SEEDS, "nft": (0,), "evoid": (0,), "phantom": (0,), "phantom_nft": (0,), "phantom_evoid": (0,),
+           "own": (0,)}
 # A run must move its reward by at least this much (brightness lies in [0, 1], redness in [-1, 1]).
 MARGIN = 0.02
 # The identity run's name.
@@ -232,7 +233,8 @@ def change(summary: dict, key: str) -> tuple[float, float]:
 
 @pytest.mark.parametrize("algorithm, reward", [("grpo", "brightness"), ("grpo", "redness"), ("nft", "brightness"),
                                                ("evoid", "brightness"), ("phantom", "brightness"),
-                                               ("phantom_nft", "brightness"), ("own", OWN[0])])
+                                               ("phantom_nft", "brightness"), ("phantom_evoid", "brightness"),
+                                               ("own", OWN[0])])
 def test_reward_rises_for_every_seed_and_falls_with_the_sign_flipped(summaries, algorithm, reward):
     for seed in SEEDS:
         before, after = change(summaries[f"{algorithm}_{reward}_{seed}_1"], reward)
