@@ -92,8 +92,9 @@ class WorldRewardSettings:
     # Pairs whose identity-check scores differ by less than this are dropped.
     generated_margin: float = 0.05
     # Samples of each training scene from its references: every two make a generated_same pair.
-    # 4 (with captioning and 2 epochs): held-out same-reference pairs 0.62-0.65 against 0.58 with
-    # 2, and GRPO on one such model raised identity in 7 of 8 runs (docs/tiny_world.md).
+    # 4 (with captioning and 2 epochs): held-out same-reference pairs 0.62-0.70 (seeds 0-3) against
+    # 0.58 with 2, and GRPO on one such model raised identity in 7 of 8 runs
+    # (docs/tiny_world_reward_history.md).
     generated_samples_per_scene: int = 4
     # Kinds trained on. The "bt" loss gives tied pairs zero loss, so they only cost time.
     train_kinds: tuple[str, ...] = SWAP_KINDS + DISTORTION_KINDS + GENERATED_KINDS
