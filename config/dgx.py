@@ -283,6 +283,14 @@ def _nft(config):
     return config
 
 
+def _evoid(config):
+    """EvoID's anchors on top of a DiffusionNFT preset, at the paper's weights: the text-to-video
+    teacher 0.01, the initial model 0.2."""
+    config.algorithm = "evoid"
+    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
+    return config
+
+
 def vace_nft():
     """``vace`` trained with DiffusionNFT instead of GRPO (same data, reward, sizes, LoRA)."""
     config = _nft(vace())
@@ -314,10 +322,8 @@ def vace_evoid():
     """``vace_nft`` plus EvoID's anchors (T2V teacher 0.01, initial model 0.2). EvoID combines
     several rewards with its dynamic weighting (``reward_combination.mode = "evoid"``, see
     docs/rewards.md); set ``reward_fn`` and its groups for that; the identity reward alone is kept here."""
-    config = vace_nft()
+    config = _evoid(vace_nft())
     config.run_name = "vace_evoid"
-    config.algorithm = "evoid"
-    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
     return config
 
 
@@ -325,10 +331,8 @@ def phantom_evoid():
     """``phantom_nft`` plus EvoID's anchors (T2V teacher 0.01, initial model 0.2). The teacher is
     the transformer of ``pretrained.model``: Wan2.1-T2V-1.3B, the model Phantom was fine-tuned
     from (``pretrained.teacher`` to use another)."""
-    config = phantom_nft()
+    config = _evoid(phantom_nft())
     config.run_name = "phantom_evoid"
-    config.algorithm = "evoid"
-    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
     return config
 
 
@@ -363,28 +367,23 @@ def tiny_world_phantom_evoid():
     text-to-video teacher is ``pretrained.model``'s transformer, as for the real Phantom: here the
     world's Phantom DiT itself, on the video frames alone (the world has no T2V model; this DiT
     never trained without references, so it is a weak teacher)."""
-    config = tiny_world_phantom_nft()
+    config = _evoid(tiny_world_phantom_nft())
     config.run_name = "tiny_world_phantom_evoid"
-    config.algorithm = "evoid"
-    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
     return config
 
 
 def tiny_world_evoid():
     """``tiny_world_nft`` with EvoID's anchors (the world's VACE with its context off as the
     text-to-video teacher, 0.01; the initial model, 0.2)."""
-    config = tiny_world_nft()
+    config = _evoid(tiny_world_nft())
     config.run_name = "tiny_world_evoid"
-    config.algorithm = "evoid"
-    config.evoid.lambda_t2v, config.evoid.lambda_self = 0.01, 0.2
     return config
 
 
 def tiny_evoid():
     """``tiny_nft`` with EvoID's anchors."""
-    config = tiny_nft()
+    config = _evoid(tiny_nft())
     config.run_name = "tiny_evoid"
-    config.algorithm = "evoid"
     return config
 
 
