@@ -196,6 +196,44 @@ def test_world_identity_soft_reward_scores_right_references_above_swapped():
     assert soft[0].item() == pytest.approx(identity_score(video[0], list(scene.people), 10.0), abs=1e-6)
 
 
+def test_extra_people_is_near_zero_for_drawn_videos_and_near_one_with_a_person_more():
+    """Drawn videos of the held-out scenes have no extra person (measured: median 0.04 / 0.06,
+    above 0.5 for 0 of 96 one-person and 3 of 96 two-person scenes, from the boundary pixels'
+    colours); a third person drawn beside two referenced ones counts as about one more, and not
+    when all three are referenced."""
+    from identity_grpo.world.following import EXTRA_PERSON, held_out_scenes
+    from identity_grpo.world.identity import extra_people
+
+    for kind, scenes_of_kind in held_out_scenes().items():
+        extra = np.array([extra_people(render_video(scene, SIZE, FRAMES), list(scene.people))
+                          for scene in scenes_of_kind])
+        assert abs(np.median(extra)) < 0.15, kind
+        assert (extra > EXTRA_PERSON).mean() <= 0.05, (kind, np.sort(extra)[-5:])
+    rng = np.random.default_rng(0)
+    for background in BACKGROUNDS:
+        for _ in range(8):
+            three = tuple(IDENTITIES[i] for i in rng.choice(len(IDENTITIES), size=3, replace=False))
+            video = render_video(Scene(three, background, "still", (0.18, 0.5, 0.82), 0.5), SIZE, FRAMES)
+            assert 0.6 < extra_people(video, list(three[:2])) < 1.5, (three, background)
+            assert abs(extra_people(video, list(three))) < EXTRA_PERSON, (three, background)
+
+
+def test_world_extra_people_reward_counts_a_person_more_than_the_references():
+    from ml_collections import ConfigDict
+
+    from identity_grpo.world.identity import extra_people
+
+    reward = build_reward_fn(ConfigDict({"reward_fn": {"world_extra_people": 1.0}}), torch.device("cpu"))
+    two = Scene((IDENTITIES[5], IDENTITIES[18]), "in the park", "still", (0.3, 0.7), 0.5)
+    three = Scene((IDENTITIES[5], IDENTITIES[18], IDENTITIES[9]), "in the park", "still", (0.18, 0.5, 0.82), 0.5)
+    videos = np.stack([render_video(two, SIZE, FRAMES), render_video(three, SIZE, FRAMES)])
+    references = [render_reference(IDENTITIES[5]), render_reference(IDENTITIES[18])]
+    scores, _ = reward(_inputs(videos, [references, references]))
+    extra = scores["world_extra_people"]
+    assert abs(extra[0].item()) < 0.3 and 0.6 < extra[1].item() < 1.5
+    assert extra[1].item() == pytest.approx(extra_people(videos[1], [IDENTITIES[5], IDENTITIES[18]]), abs=1e-6)
+
+
 # Per generator: lower bounds of its identity check (one person, two people) for ODE and SDE.
 # Measured once on 96 one-person and 96 two-person scenes, two seeds each (ODE / SDE; chance 1/24
 # and 1/12): VACE one person 0.478 / 0.452, two people 0.308 / 0.305, against other people's

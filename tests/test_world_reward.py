@@ -254,7 +254,7 @@ SAME_MIN = 0.6
 
 
 def test_tiny_world_preset_trains_the_mean_of_the_worlds_shipped_reward_models():
-    """The preset trains ``identity`` alone, the mean of the folders the build writes, each
+    """The preset (and its Phantom twin) trains ``identity`` alone, the mean of the folders the build writes, each
     shipped, trained with the build's recipe (captioning, four samples a scene) and ranking
     held-out pairs of two of the generator's samples of the same references (what a GRPO group
     compares) better than chance by a margin."""
@@ -264,6 +264,8 @@ def test_tiny_world_preset_trains_the_mean_of_the_worlds_shipped_reward_models()
 
     config = get_config("tiny_world")
     assert {name for name, weight in config.reward_fn.items() if weight} == {"identity"}
+    phantom = get_config("tiny_world_phantom")  # the same reward on the Phantom generator
+    assert (phantom.reward_fn, phantom.pretrained.reward_model) == (config.reward_fn, config.pretrained.reward_model)
     folders = reward_model_folders(config.pretrained.reward_model)
     assert folders == [f"dataset/tiny_world/models/{reward_model_folder(seed)}" for seed in REWARD_ENSEMBLE_SEEDS]
     root = Path(__file__).resolve().parents[1]

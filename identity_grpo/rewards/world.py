@@ -1,6 +1,7 @@
 """``world_identity``: the tiny world's identity check (:mod:`identity_grpo.world.identity`) as a
-reward, to log beside the learned identity reward on the tiny-world presets; and
-``world_identity_soft``, its soft form (a denser training signal, see ``identity_score``).
+reward, to log beside the learned identity reward on the tiny-world presets;
+``world_identity_soft``, its soft form (a denser training signal, see ``identity_score``); and
+``world_extra_people``, how many people more than referenced a video draws (logged, not trained).
 
 Its references must be tiny-world portraits; each is recognised by comparing it with the
 world's own drawings of its 24 people (nearest in pixels), so it needs no file names.
@@ -61,6 +62,22 @@ def world_identity_soft(config, device):
 
     def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
         return {"world_identity_soft": score_batch(inputs.frames, _people(inputs), SOFT_TEMPERATURE)}
+
+    return fn
+
+
+@register("world_extra_people")
+def world_extra_people(config, device):
+    """Factory; the fn returns ``world_extra_people`` ``(B,)``: how many people more than its
+    references each video draws, judged by skin pixels (``extra_people``; about 0 for a video of
+    just its people, 1 with one more). Logged by the tiny-world presets at weight 0: neither the
+    identity check nor the reward models penalise an extra person (docs/tiny_world.md)."""
+    from identity_grpo.world.identity import extra_people
+
+    def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
+        array = inputs.frames.cpu().numpy()
+        return {"world_extra_people": torch.tensor([extra_people(video, who) for video, who in
+                                                    zip(array, _people(inputs))], dtype=torch.float32)}
 
     return fn
 

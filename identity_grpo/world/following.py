@@ -3,7 +3,8 @@
 The test rows are few: one run's identity check on them moves by about 0.04 between evaluations,
 the size of the effects measured there (docs/tiny_world.md). This samples 96 one-person and 96
 two-person random scenes (all 24 people; drawn from their own stream, so they are not the
-training rows) with several noise seeds each, and reports the mean identity check of each kind.
+training rows) with several noise seeds each, and reports the mean identity check of each kind and
+the fraction of videos that draw an extra person (which the identity check barely sees).
 
 Command line, for a generator and optionally a trained LoRA (a run's ``lora`` folder):
 
@@ -23,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from identity_grpo.world.identity import identity_score
+from identity_grpo.world.identity import extra_people, identity_score
 from identity_grpo.world.render import IDENTITIES, sample_scene
 
 SIZE, FRAMES = 32, 5
 SCENE_SEED = 123
+# A video "draws an extra person" when its skin exceeds its references' by more than half a person.
+EXTRA_PERSON = 0.5
 
 
 def held_out_scenes(count: int = 96, seed: int = SCENE_SEED) -> dict[str, list]:
@@ -40,26 +43,34 @@ def held_out_scenes(count: int = 96, seed: int = SCENE_SEED) -> dict[str, list]:
 
 
 @torch.no_grad()
-def mean_identity(pipeline, scenes, seeds=(0, 1), shift: int = 0, **sampler) -> float:
-    """Mean identity check of ``pipeline``'s videos of ``scenes``, one per scene and noise seed.
-    ``sampler`` goes to the pipeline (``sde_steps=[]``: the deterministic sampler; ``sde=...``: the
-    training SDE). ``shift > 0`` scores against other people (a fixed shift through the 24, never
-    the referenced one): chance level."""
+def video_scores(pipeline, scenes, seeds=(0, 1), shift: int = 0, **sampler) -> tuple[np.ndarray, np.ndarray]:
+    """The identity check and :func:`extra_people` of ``pipeline``'s videos of ``scenes``, one per
+    scene and noise seed. ``sampler`` goes to the pipeline (``sde_steps=[]``: the deterministic
+    sampler; ``sde=...``: the training SDE). ``shift > 0`` scores identity against other people (a
+    fixed shift through the 24, never the referenced one): chance level."""
     from identity_grpo.world.generated_pairs import sample_world_videos
 
-    scores = []
+    identity, extra = [], []
     for seed in seeds:
         videos = sample_world_videos(pipeline, scenes, seed, size=SIZE, num_frames=FRAMES, **sampler)
-        scores += [identity_score(video, [IDENTITIES[(IDENTITIES.index(person) + shift) % len(IDENTITIES)]
-                                          for person in scene.people])
-                   for video, scene in zip(videos, scenes)]
-    return float(np.mean(scores))
+        for video, scene in zip(videos, scenes):
+            identity.append(identity_score(video, [IDENTITIES[(IDENTITIES.index(person) + shift) % len(IDENTITIES)]
+                                                   for person in scene.people]))
+            extra.append(extra_people(video, list(scene.people)))
+    return np.array(identity), np.array(extra)
+
+
+def mean_identity(pipeline, scenes, seeds=(0, 1), shift: int = 0, **sampler) -> float:
+    """Mean identity check of :func:`video_scores`."""
+    return float(video_scores(pipeline, scenes, seeds, shift, **sampler)[0].mean())
 
 
 def following(generator: str | Path, lora: str | Path | None = None, seeds=(0, 1), sde: bool = False) -> dict:
-    """``{"one": ..., "two": ...}``: the mean identity check of ``generator`` (with ``lora``, a
-    peft folder, applied) on :func:`held_out_scenes`, one video per scene and noise seed, sampled
-    with the evaluation's deterministic sampler or (``sde``) the training SDE at noise level 0.7."""
+    """``{"one": ..., "two": ..., "extra_one": ..., "extra_two": ...}``: the mean identity check of
+    ``generator`` (with ``lora``, a peft folder, applied) on :func:`held_out_scenes`, one video per
+    scene and noise seed, sampled with the evaluation's deterministic sampler or (``sde``) the
+    training SDE at noise level 0.7; and the fraction of those videos that draw more than half a
+    person more than referenced (:func:`extra_people` > ``EXTRA_PERSON``)."""
     from identity_grpo.pipelines.vace import SDEConfig
     from identity_grpo.world.generated_pairs import load_world_pipeline
 
@@ -69,8 +80,12 @@ def following(generator: str | Path, lora: str | Path | None = None, seeds=(0, 1
 
         pipeline.transformer = PeftModel.from_pretrained(pipeline.transformer, lora).eval()
     sampler = {"sde": SDEConfig(noise_level=0.7)} if sde else {"sde_steps": []}
-    return {kind: round(mean_identity(pipeline, scenes, seeds, **sampler), 4)
-            for kind, scenes in held_out_scenes().items()}
+    results = {}
+    for kind, scenes in held_out_scenes().items():
+        identity, extra = video_scores(pipeline, scenes, seeds, **sampler)
+        results[kind] = round(float(identity.mean()), 4)
+        results[f"extra_{kind}"] = round(float((extra > EXTRA_PERSON).mean()), 4)
+    return results
 
 
 def main() -> None:
@@ -98,7 +113,8 @@ def main() -> None:
         counts = {kind: len(scenes) for kind, scenes in held_out_scenes().items()}
         for kind, label in (("one", "one-person"), ("two", "two-person")):
             print(f"identity check, {counts[kind]} held-out {label} scenes x {len(args.seeds)} seeds: "
-                  f"{before[kind]:.3f} -> {results[kind]:.3f} ({results[kind] / before[kind] - 1:+.0%})")
+                  f"{before[kind]:.3f} -> {results[kind]:.3f} ({results[kind] / before[kind] - 1:+.0%}); "
+                  f"videos with an extra person {before['extra_' + kind]:.0%} -> {results['extra_' + kind]:.0%}")
     print(json.dumps(record))
 
 
