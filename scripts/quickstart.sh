@@ -5,7 +5,8 @@
 # eval rewards before and after training (32 held-out test rows) and the paths of the run's report and
 # of before_after.png (references | before | after, for the first 16 test rows); then the world's
 # identity check on 96 + 96 held-out scenes before and after (about a minute): the 32 rows are
-# too few to tell identity changes of this size apart from noise. docs/tiny_world.md.
+# too few to tell identity changes of this size apart from noise; with it, the share of videos
+# that draw an extra person (it rises: docs/tiny_world.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
