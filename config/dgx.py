@@ -160,7 +160,7 @@ def tiny_world():
     # for 6 of 6 seeds (+15% to +39%) and fell with the sign flipped (-60%); on the mean of two of
     # these models, for 4 of 4 seeds with one pair and 2 of 4 with the other (docs/tiny_world.md).
     # Logged at weight 0: the world's identity check, hard and soft, and how many people more than
-    # referenced a video draws (which the check and the reward models barely see; it rises).
+    # referenced a video draws (it rises under the reward models: docs/tiny_world.md).
     config.reward_fn = {"identity": 1.0, **WORLD_CHECKS}
     return config
 

@@ -200,7 +200,8 @@ def test_extra_people_is_near_zero_for_drawn_videos_and_near_one_with_a_person_m
     """Drawn videos of the held-out scenes have no extra person (measured: median 0.04 / 0.06,
     above 0.5 for 0 of 96 one-person and 3 of 96 two-person scenes, from the boundary pixels'
     colours); a third person drawn beside two referenced ones counts as about one more, and not
-    when all three are referenced."""
+    when all three are referenced. The identity check is no count: the third person lowers it
+    (1.0 -> 0.54 over these 24 scenes) but is not built to count."""
     from identity_grpo.world.following import EXTRA_PERSON, held_out_scenes
     from identity_grpo.world.identity import extra_people
 
@@ -210,12 +211,15 @@ def test_extra_people_is_near_zero_for_drawn_videos_and_near_one_with_a_person_m
         assert abs(np.median(extra)) < 0.15, kind
         assert (extra > EXTRA_PERSON).mean() <= 0.05, (kind, np.sort(extra)[-5:])
     rng = np.random.default_rng(0)
+    checks = []
     for background in BACKGROUNDS:
         for _ in range(8):
             three = tuple(IDENTITIES[i] for i in rng.choice(len(IDENTITIES), size=3, replace=False))
             video = render_video(Scene(three, background, "still", (0.18, 0.5, 0.82), 0.5), SIZE, FRAMES)
             assert 0.6 < extra_people(video, list(three[:2])) < 1.5, (three, background)
             assert abs(extra_people(video, list(three))) < EXTRA_PERSON, (three, background)
+            checks.append(identity_score(video, list(three[:2])))
+    assert 0.3 < np.mean(checks) < 0.8
 
 
 def test_world_extra_people_reward_counts_a_person_more_than_the_references():

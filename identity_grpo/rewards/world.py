@@ -70,8 +70,8 @@ def world_identity_soft(config, device):
 def world_extra_people(config, device):
     """Factory; the fn returns ``world_extra_people`` ``(B,)``: how many people more than its
     references each video draws, judged by skin pixels (``extra_people``; about 0 for a video of
-    just its people, 1 with one more). Logged by the tiny-world presets at weight 0: neither the
-    identity check nor the reward models penalise an extra person (docs/tiny_world.md)."""
+    just its people, 1 with one more). Logged by the tiny-world presets at weight 0: the reward
+    models do not penalise an extra person, and the identity check is no count (docs/tiny_world.md)."""
     from identity_grpo.world.identity import extra_people
 
     def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ The test rows are few: one run's identity check on them moves by about 0.04 betw
 the size of the effects measured there (docs/tiny_world.md). This samples 96 one-person and 96
 two-person random scenes (all 24 people; drawn from their own stream, so they are not the
 training rows) with several noise seeds each, and reports the mean identity check of each kind and
-the fraction of videos that draw an extra person (which the identity check barely sees).
+the fraction of videos that draw an extra person (the identity check is no count of people).
 
 Command line, for a generator and optionally a trained LoRA (a run's ``lora`` folder):
 
