@@ -131,7 +131,8 @@ def tiny_world():
     models (the Qwen2.5-VL reward-token architecture at toy size, trained on preferences between
     the world's videos), and logs the world's identity check (are the generated people the
     referenced ones: skin, hair colour, hair style), hard (``world_identity``) and soft
-    (``world_identity_soft``, what the DiffusionNFT and EvoID presets train). Learning
+    (``world_identity_soft``, what the DiffusionNFT and EvoID presets train), and how many people
+    more than referenced a video draws (``world_extra_people``). Learning
     rate 1e-3: 3e-3 and 5e-3 wreck the generator's identity, and 2e-3 over-optimised a reward
     model (measured, docs/tiny_world.md). 64 videos an epoch: 5-10 minutes on 2 CPU cores.
     """

@@ -32,7 +32,8 @@ def recognise_reference(image) -> int:
     distances = np.abs(portraits - pixels).mean(axis=(1, 2, 3))
     best = int(distances.argmin())
     if distances[best] > 8.0:
-        raise ValueError("reward 'world_identity' needs tiny-world reference portraits (dataset/tiny_world); "
+        raise ValueError("the world rewards (world_identity, world_identity_soft, world_extra_people) need "
+                         "tiny-world reference portraits (dataset/tiny_world); "
                          f"a reference differs from every world portrait by >= {distances[best]:.1f} grey levels")
     return best
 
@@ -72,12 +73,10 @@ def world_extra_people(config, device):
     references each video draws, judged by skin pixels (``extra_people``; about 0 for a video of
     just its people, 1 with one more). Logged by the tiny-world presets at weight 0: the reward
     models do not penalise an extra person, and the identity check is no count (docs/tiny_world.md)."""
-    from identity_grpo.world.identity import extra_people
+    from identity_grpo.world.identity import extra_people_batch
 
     def fn(inputs: RewardInputs) -> dict[str, torch.Tensor]:
-        array = inputs.frames.cpu().numpy()
-        return {"world_extra_people": torch.tensor([extra_people(video, who) for video, who in
-                                                    zip(array, _people(inputs))], dtype=torch.float32)}
+        return {"world_extra_people": extra_people_batch(inputs.frames, _people(inputs))}
 
     return fn
 

@@ -113,14 +113,19 @@ def identity_score(frames: np.ndarray, people: list[Identity], temperature: floa
 def extra_people(frames: np.ndarray, people: list[Identity]) -> float:
     """How many people more than ``people`` a ``(F, H, W, 3)`` uint8 video draws, judged by skin
     alone: the median over frames of (the frame's skin pixels - the referenced people's expected
-    skin pixels) / one person's mean skin pixels. Near 0 for a video of just its people (drawn
-    videos of the held-out scenes: median 0.04 and 0.06, above 0.5 for 0 of 96 one-person and 3
-    of 96 two-person scenes), near 1 with one more person. The identity check is no count of people
-    (a clearly drawn third person lowers it, from 1.0 to 0.54 on 24 drawn scenes; docs/tiny_world.md)."""
+    skin pixels) / one person's mean skin pixels. Near 0 for a video of just its people, near 1
+    with one more (measured on drawn videos: docs/tiny_world.md, "Extra people"); the identity
+    check is no count of people."""
     expected_skin = expected_counts(frames.shape[-2])[:, :_NUM_SKINS].sum(axis=1)  # (24,)
     skin = colour_counts(frames)[..., :_NUM_SKINS].sum(axis=-1)  # (F,)
     referenced = sum(expected_skin[IDENTITIES.index(person)] for person in people)
     return float(np.median((skin - referenced) / expected_skin.mean()))
+
+
+def extra_people_batch(frames: torch.Tensor, people: list[list[Identity]]) -> torch.Tensor:
+    """``(B, F, H, W, 3)`` uint8 frames -> ``(B,)`` :func:`extra_people`."""
+    array = frames.cpu().numpy()
+    return torch.tensor([extra_people(video, who) for video, who in zip(array, people)], dtype=torch.float32)
 
 
 def score_batch(frames: torch.Tensor, people: list[list[Identity]], temperature: float = 0.0) -> torch.Tensor:
