@@ -192,7 +192,8 @@ def tiny_world_phantom():
 def tiny_world_reward():
     """``tiny_world`` for a reward of your own (docs/tiny_world.md, "A reward of your own"): the
     settings under which GRPO raised three rewards no test trains (contrast, saturation,
-    rightward) for 3 of 3 seeds and lowered them for 3 of 3 with the sign flipped: 32 videos an
+    rightward) for 3 of 3 seeds and lowered them for 3 of 3 with the sign flipped, and then four
+    more written later (sharpness, blueness, foreground, and stillness in 40 epochs): 32 videos an
     epoch (four groups of 8, 7 of the 8 steps trained), lr 3e-3, 20 epochs. Name the reward, and
     the file that registers it:
 
