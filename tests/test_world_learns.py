@@ -77,21 +77,26 @@ IDENTITY_RUN = "grpo_identity_0_1"
 pytestmark = pytest.mark.slow
 
 
+def signs(kind: str, seed: int) -> tuple[int, ...]:
+    """The advantage signs ``seed`` runs with for ``kind`` (a key of :data:`FLIPPED`)."""
+    return (1, -1) if seed in FLIPPED[kind] else (1,)
+
+
 def runs() -> dict[str, tuple[str, dict | None, int, int, tuple[str, ...]]]:
     """name -> (preset, reward weights, seed, advantage sign, overrides)."""
     table = {}
     for reward in SIMPLE_REWARDS:
         for seed in SEEDS:
-            for sign in (1, -1) if seed in FLIPPED["grpo"] else (1,):
+            for sign in signs("grpo", seed):
                 table[f"grpo_{reward}_{seed}_{sign}"] = ("tiny_world", {reward: 1.0}, seed, sign, SIMPLE)
     for name, overrides in BRIGHTNESS.items():
         for seed in SEEDS:
-            for sign in (1, -1) if seed in FLIPPED[name] else (1,):
+            for sign in signs(name, seed):
                 table[f"{name}_brightness_{seed}_{sign}"] = (f"tiny_world_{name}", {"brightness": 1.0}, seed, sign,
                                                              overrides)
     reward, preset, overrides = OWN
     for seed in SEEDS:
-        for sign in (1, -1) if seed in FLIPPED["own"] else (1,):
+        for sign in signs("own", seed):
             table[f"own_{reward}_{seed}_{sign}"] = (preset, {reward: 1.0}, seed, sign, overrides)
     # The preset as it is (the quick start's run but for the seed and the videos and report).
     table[IDENTITY_RUN] = ("tiny_world", None, 0, 1, ())
@@ -113,11 +118,12 @@ def runs_read_by(items) -> set[str]:
     return names
 
 
-def command(logdir: Path, preset: str, reward: dict | None, seed: int, sign: int,
-            overrides: tuple[str, ...]) -> list[str]:
-    """The run's command line; ``reward`` None keeps the preset's rewards."""
+def script_argv(logdir: Path, preset: str, reward: dict | None, seed: int, sign: int,
+                overrides: tuple[str, ...]) -> list[str]:
+    """The run's ``sys.argv``: ``python`` followed by these is the run's command line; ``reward``
+    None keeps the preset's rewards."""
     return [
-        sys.executable, str(SCRIPT), "--config", f"{ROOT / 'config' / 'dgx.py'}:{preset}",
+        str(SCRIPT), "--config", f"{ROOT / 'config' / 'dgx.py'}:{preset}",
         f"--config.logdir={logdir}", f"--config.seed={seed}", f"--config.train.advantage_sign={sign}",
         # Compared by their numbers alone: no report, no evaluation or rollout videos.
         "--config.tracker=", "--config.report=False", "--config.eval_videos=False", "--config.log_videos_freq=0",
@@ -139,7 +145,7 @@ def script_imports() -> list[str]:
 
 def _train(argv: list[str], log: str) -> None:
     """One run's process: the training script as ``python train_wan2_1_vace.py ARGS`` runs it
-    (``argv`` is that command less the interpreter), its output in ``log``. It is forked from a
+    (``argv``: :func:`script_argv`), its output in ``log``. It is forked from a
     server that imported the script's dependencies once, which saves each run about 7 CPU-seconds
     of imports (torch, diffusers, transformers, accelerate, peft)."""
     descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -212,7 +218,7 @@ class BackgroundRuns:
         while (pending or self.active) and not self.stopping:
             while pending and len(self.active) < self.parallel:
                 name, spec = pending.pop(0)
-                argv = command(self.root / name, *spec)[1:]
+                argv = script_argv(self.root / name, *spec)
                 process = self.context.Process(target=_train, args=(argv, str(self.root / f"{name}.log")),
                                                name=name)
                 process.start()
